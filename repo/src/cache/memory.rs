@@ -1,0 +1,391 @@
+//! The in-process backend: one moka cache whose entries each carry their own TTL.
+//!
+//! Keys are typed (an enum) rather than spec strings; each value remembers the TTL it was
+//! written with and a [`moka::Expiry`] policy applies it on every insert or update, so one cache
+//! holds every kind of entry with its own lifetime. Read-modify-write operations (the seq counter
+//! and presence) run under moka's per-key lock (`and_compute_with`), so they are atomic per key.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use moka::Expiry;
+use moka::future::Cache as Moka;
+use moka::ops::compute::{CompResult, Op};
+
+use super::{Cache, CacheResult};
+use crate::model::{DedupEntry, Message, Presence, User};
+
+/// How long a seq counter lives after it was last initialised or incremented.
+const COUNTER_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A cache key: the spec's key kinds, typed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    /// `user_info:{id}`.
+    User(i64),
+    /// `user_session:{id}`.
+    Session(i64),
+    /// `conv_seq:{conv}`.
+    Seq(String),
+    /// `group_members:{group}`.
+    Members(i64),
+    /// `msg_dedup:{sender}:{client_msg_id}`.
+    Dedup(i64, String),
+    /// `hot_messages:{conv}`.
+    Hot(String),
+    /// `unread:{user}:{conv}`.
+    ReadPtr(i64, String),
+}
+
+/// A cached value; big ones behind `Arc` so clones out of moka stay cheap.
+#[derive(Debug, Clone)]
+enum Val {
+    User(Arc<User>),
+    /// Gateway id -> expiry (Unix ms).
+    Session(Arc<BTreeMap<String, i64>>),
+    Seq(i64),
+    Members(Arc<HashSet<i64>>),
+    Dedup(Arc<DedupEntry>),
+    Hot(Arc<Vec<Message>>),
+    ReadPtr(i64),
+}
+
+/// A value and the TTL it was written with.
+#[derive(Debug, Clone)]
+struct Stored {
+    val: Val,
+    ttl: Duration,
+}
+
+impl Stored {
+    fn new(val: Val, ttl: Duration) -> Self {
+        Self { val, ttl }
+    }
+}
+
+/// Applies each entry's own TTL from the moment it is created or replaced; reads do not extend it.
+struct PerEntryTtl;
+
+impl Expiry<Key, Stored> for PerEntryTtl {
+    fn expire_after_create(&self, _: &Key, value: &Stored, _: Instant) -> Option<Duration> {
+        Some(value.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &Key,
+        value: &Stored,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+/// The in-process cache (moka). Cheap to clone: clones share the same entries.
+#[derive(Debug, Clone)]
+pub struct MemoryCache {
+    inner: Moka<Key, Stored>,
+}
+
+impl MemoryCache {
+    /// A cache holding at most `max_entries` entries (least useful evicted first).
+    pub fn new(max_entries: u64) -> Self {
+        let inner = Moka::builder()
+            .max_capacity(max_entries)
+            .expire_after(PerEntryTtl)
+            .build();
+        Self { inner }
+    }
+
+    async fn get(&self, key: &Key) -> Option<Val> {
+        self.inner.get(key).await.map(|s| s.val)
+    }
+
+    async fn put(&self, key: Key, val: Val, ttl: Duration) {
+        self.inner.insert(key, Stored::new(val, ttl)).await;
+    }
+
+    async fn del(&self, key: &Key) {
+        self.inner.invalidate(key).await;
+    }
+
+    async fn live_presence(&self, user: i64) -> Vec<Presence> {
+        let now = now_ms();
+        match self.get(&Key::Session(user)).await {
+            Some(Val::Session(map)) => map
+                .iter()
+                .filter(|(_, exp)| **exp > now)
+                .map(|(gateway, exp)| Presence {
+                    gateway_id: gateway.clone(),
+                    expires_at: *exp,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Now as Unix milliseconds.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// `ttl` in milliseconds, saturating.
+fn ms(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The session value for `map`, living until its latest gateway lapses; `Remove` when empty.
+fn session_op(map: BTreeMap<String, i64>, now: i64) -> Op<Stored> {
+    match map.values().max() {
+        Some(&max) if max > now => {
+            let ttl = Duration::from_millis(u64::try_from(max - now).unwrap_or(0));
+            Op::Put(Stored::new(Val::Session(Arc::new(map)), ttl))
+        }
+        _ => Op::Remove,
+    }
+}
+
+/// The live gateways of a session entry (lapsed ones dropped).
+fn live_map(entry: Option<&Stored>, now: i64) -> BTreeMap<String, i64> {
+    match entry.map(|s| &s.val) {
+        Some(Val::Session(map)) => map
+            .iter()
+            .filter(|(_, exp)| **exp > now)
+            .map(|(g, e)| (g.clone(), *e))
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+impl Cache for MemoryCache {
+    async fn get_user(&self, id: i64) -> CacheResult<Option<User>> {
+        Ok(match self.get(&Key::User(id)).await {
+            Some(Val::User(u)) => Some(User {
+                password_hash: String::new(),
+                ..(*u).clone()
+            }),
+            _ => None,
+        })
+    }
+
+    async fn get_users(&self, ids: &[i64]) -> CacheResult<Vec<Option<User>>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            out.push(self.get_user(id).await?);
+        }
+        Ok(out)
+    }
+
+    async fn set_user(&self, user: &User, ttl: Duration) -> CacheResult<()> {
+        let user = User {
+            password_hash: String::new(),
+            ..user.clone()
+        };
+        self.put(Key::User(user.id), Val::User(Arc::new(user)), ttl)
+            .await;
+        Ok(())
+    }
+
+    async fn del_user(&self, id: i64) -> CacheResult<()> {
+        self.del(&Key::User(id)).await;
+        Ok(())
+    }
+
+    async fn seq_incr(&self, conv: &str, n: i64) -> CacheResult<Option<i64>> {
+        let result = self
+            .inner
+            .entry(Key::Seq(conv.to_owned()))
+            .and_compute_with(|entry| {
+                let op = match entry.map(|e| e.into_value().val) {
+                    Some(Val::Seq(v)) => {
+                        Op::Put(Stored::new(Val::Seq(v.saturating_add(n)), COUNTER_TTL))
+                    }
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+        Ok(match result {
+            CompResult::ReplacedWith(e) | CompResult::Inserted(e) => match e.into_value().val {
+                Val::Seq(v) => Some(v),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
+
+    async fn seq_init(&self, conv: &str, value: i64) -> CacheResult<()> {
+        self.inner
+            .entry(Key::Seq(conv.to_owned()))
+            .and_compute_with(|entry| {
+                let op = match entry {
+                    Some(_) => Op::Nop,
+                    None => Op::Put(Stored::new(Val::Seq(value), COUNTER_TTL)),
+                };
+                std::future::ready(op)
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn seq_del(&self, conv: &str) -> CacheResult<()> {
+        self.del(&Key::Seq(conv.to_owned())).await;
+        Ok(())
+    }
+
+    async fn dedup_get(&self, sender: i64, client_msg_id: &str) -> CacheResult<Option<DedupEntry>> {
+        Ok(
+            match self
+                .get(&Key::Dedup(sender, client_msg_id.to_owned()))
+                .await
+            {
+                Some(Val::Dedup(e)) => Some((*e).clone()),
+                _ => None,
+            },
+        )
+    }
+
+    async fn dedup_set(
+        &self,
+        sender: i64,
+        client_msg_id: &str,
+        entry: &DedupEntry,
+        ttl: Duration,
+    ) -> CacheResult<()> {
+        self.put(
+            Key::Dedup(sender, client_msg_id.to_owned()),
+            Val::Dedup(Arc::new(entry.clone())),
+            ttl,
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn members_contains(&self, group: i64, user: i64) -> CacheResult<Option<bool>> {
+        Ok(match self.get(&Key::Members(group)).await {
+            Some(Val::Members(set)) => Some(set.contains(&user)),
+            _ => None,
+        })
+    }
+
+    async fn members_set(&self, group: i64, members: &[i64], ttl: Duration) -> CacheResult<()> {
+        let set: HashSet<i64> = members.iter().copied().collect();
+        self.put(Key::Members(group), Val::Members(Arc::new(set)), ttl)
+            .await;
+        Ok(())
+    }
+
+    async fn members_del(&self, group: i64) -> CacheResult<()> {
+        self.del(&Key::Members(group)).await;
+        Ok(())
+    }
+
+    async fn hot_get(&self, conv: &str) -> CacheResult<Option<Vec<Message>>> {
+        Ok(match self.get(&Key::Hot(conv.to_owned())).await {
+            Some(Val::Hot(page)) => Some((*page).clone()),
+            _ => None,
+        })
+    }
+
+    async fn hot_set(&self, conv: &str, messages: &[Message], ttl: Duration) -> CacheResult<()> {
+        let mut page = messages.to_vec();
+        page.sort_by_key(|m| m.seq_id);
+        self.put(Key::Hot(conv.to_owned()), Val::Hot(Arc::new(page)), ttl)
+            .await;
+        Ok(())
+    }
+
+    async fn hot_del(&self, conv: &str) -> CacheResult<()> {
+        self.del(&Key::Hot(conv.to_owned())).await;
+        Ok(())
+    }
+
+    async fn read_ptr_get(&self, user: i64, conv: &str) -> CacheResult<Option<i64>> {
+        Ok(match self.get(&Key::ReadPtr(user, conv.to_owned())).await {
+            Some(Val::ReadPtr(v)) => Some(v),
+            _ => None,
+        })
+    }
+
+    async fn read_ptr_set(
+        &self,
+        user: i64,
+        conv: &str,
+        last_read_seq: i64,
+        ttl: Duration,
+    ) -> CacheResult<()> {
+        self.put(
+            Key::ReadPtr(user, conv.to_owned()),
+            Val::ReadPtr(last_read_seq),
+            ttl,
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn read_ptr_del(&self, user: i64, conv: &str) -> CacheResult<()> {
+        self.del(&Key::ReadPtr(user, conv.to_owned())).await;
+        Ok(())
+    }
+
+    async fn presence_set(&self, user: i64, gateway: &str, ttl: Duration) -> CacheResult<bool> {
+        let mut first_online = false;
+        let first = &mut first_online;
+        self.inner
+            .entry(Key::Session(user))
+            .and_compute_with(|entry| {
+                let now = now_ms();
+                let mut map = live_map(entry.as_ref().map(|e| e.value()), now);
+                *first = map.is_empty();
+                map.insert(gateway.to_owned(), now.saturating_add(ms(ttl)));
+                std::future::ready(session_op(map, now))
+            })
+            .await;
+        Ok(first_online)
+    }
+
+    async fn presence_remove(&self, user: i64, gateway: Option<&str>) -> CacheResult<bool> {
+        let mut now_offline = true;
+        let offline = &mut now_offline;
+        self.inner
+            .entry(Key::Session(user))
+            .and_compute_with(|entry| {
+                let now = now_ms();
+                let op = match entry {
+                    None => Op::Nop,
+                    Some(e) => {
+                        let mut map = live_map(Some(e.value()), now);
+                        match gateway {
+                            Some(g) => {
+                                map.remove(g);
+                            }
+                            None => map.clear(),
+                        }
+                        *offline = map.is_empty();
+                        session_op(map, now)
+                    }
+                };
+                std::future::ready(op)
+            })
+            .await;
+        Ok(now_offline)
+    }
+
+    async fn presence_get(&self, users: &[i64]) -> CacheResult<Vec<Vec<Presence>>> {
+        let mut out = Vec::with_capacity(users.len());
+        for &user in users {
+            out.push(self.live_presence(user).await);
+        }
+        Ok(out)
+    }
+
+    async fn flush(&self) -> CacheResult<()> {
+        self.inner.invalidate_all();
+        Ok(())
+    }
+}

@@ -1,0 +1,1065 @@
+//! The query code of both SQL backends, written once.
+//!
+//! [`impl_sql_store!`] expands the whole [`Store`](super::Store) implementation for a backend
+//! type that has two inherent methods, `writer()` and `reader()`, each returning a guard that
+//! dereferences to a diesel-async connection. Diesel checks every query against the concrete
+//! backend at each expansion, so a query that one engine cannot run fails to compile.
+//!
+//! Portability rules the queries follow: ids come from the application (no `RETURNING`, no
+//! last-insert-id), upserts are `INSERT IGNORE`/`INSERT OR IGNORE` followed by a guarded
+//! `UPDATE`, and row locks are taken with an `UPDATE` (InnoDB locks the row until commit;
+//! SQLite has one writer).
+
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use gochat_infra::ids::ConversationKind;
+
+use super::StoreError;
+
+/// Which unique guard a failed insert hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Violation {
+    /// (sender_id, client_msg_id) or the message id: a duplicate to resolve by re-reading.
+    Duplicate,
+    /// (conversation_id, seq_id): a seq that is taken.
+    Seq,
+    /// Anything else unique (e.g. a username).
+    Other,
+}
+
+/// Classifies a unique violation by the index it names (SQLite names columns, MySQL names keys).
+pub(crate) fn violation(err: &DieselError) -> Option<Violation> {
+    match err {
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
+            let text = format!(
+                "{} {}",
+                info.message(),
+                info.constraint_name().unwrap_or("")
+            );
+            if text.contains("client_msg")
+                || text.contains("PRIMARY")
+                || text.contains("messages.id")
+            {
+                Some(Violation::Duplicate)
+            } else if text.contains("seq") {
+                Some(Violation::Seq)
+            } else {
+                Some(Violation::Other)
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Maps a diesel error that no caller handles to a [`StoreError`].
+pub(crate) fn classify(err: DieselError) -> StoreError {
+    match &err {
+        DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _)
+        | DieselError::BrokenTransactionManager => StoreError::Unavailable(err.to_string()),
+        DieselError::DatabaseError(DatabaseErrorKind::Unknown, info)
+            if info.message().contains("database is locked")
+                || info.message().contains("Connection refused")
+                || info.message().contains("broken pipe") =>
+        {
+            StoreError::Unavailable(err.to_string())
+        }
+        _ => StoreError::Database(err.to_string()),
+    }
+}
+
+/// The errors a transaction body can end with.
+#[derive(Debug)]
+pub(crate) enum TxError {
+    /// A diesel error not handled in the body.
+    Diesel(DieselError),
+    /// A decided outcome.
+    Store(StoreError),
+    /// A duplicate raced in: run the whole transaction again with a fresh snapshot.
+    Retry,
+}
+
+impl From<DieselError> for TxError {
+    fn from(e: DieselError) -> Self {
+        Self::Diesel(e)
+    }
+}
+
+impl From<TxError> for StoreError {
+    fn from(e: TxError) -> Self {
+        match e {
+            TxError::Diesel(e) => classify(e),
+            TxError::Store(e) => e,
+            TxError::Retry => StoreError::Database("duplicate kept racing; gave up".into()),
+        }
+    }
+}
+
+/// A conversation row to create when missing.
+#[derive(Debug, Clone, diesel::Insertable)]
+#[diesel(table_name = crate::schema::conversations, treat_none_as_default_value = false)]
+pub(crate) struct NewConversation {
+    pub id: String,
+    pub kind: i32,
+    pub group_id: Option<i64>,
+    pub last_message_at: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl NewConversation {
+    /// The row for a conversation id, or why that id is not one.
+    pub(crate) fn for_id(id: &str, now: i64) -> Result<Self, StoreError> {
+        let kind = ConversationKind::parse(id)
+            .ok_or_else(|| StoreError::Invalid(format!("invalid conversation id {id:?}")))?;
+        Ok(Self {
+            id: id.to_owned(),
+            kind: kind.type_number(),
+            group_id: match kind {
+                ConversationKind::Group(g) => Some(g),
+                _ => None,
+            },
+            last_message_at: now,
+            created_at: now,
+            updated_at: now,
+        })
+    }
+}
+
+/// A membership row to insert.
+#[derive(Debug, Clone, diesel::Insertable)]
+#[diesel(table_name = crate::schema::group_members)]
+pub(crate) struct NewGroupMember {
+    pub group_id: i64,
+    pub user_id: i64,
+    pub role: i32,
+    pub joined_at: i64,
+}
+
+/// A single-chat membership row to insert.
+#[derive(Debug, Clone, diesel::Insertable)]
+#[diesel(table_name = crate::schema::conversation_members)]
+pub(crate) struct NewConversationMember {
+    pub conversation_id: String,
+    pub user_id: i64,
+    pub joined_at: i64,
+}
+
+/// A read pointer row to insert.
+#[derive(Debug, Clone, diesel::Insertable)]
+#[diesel(table_name = crate::schema::user_read_pointers)]
+pub(crate) struct NewReadPointer<'a> {
+    pub user_id: i64,
+    pub conversation_id: &'a str,
+    pub last_read_seq_id: i64,
+    pub updated_at: i64,
+}
+
+/// The fields an update may change (`None` keeps a field).
+#[derive(Debug, diesel::AsChangeset)]
+#[diesel(table_name = crate::schema::users)]
+pub(crate) struct UserChangeset<'a> {
+    pub nickname: Option<&'a str>,
+    pub avatar_url: Option<&'a str>,
+    pub password_hash: Option<&'a str>,
+    pub updated_at: i64,
+}
+
+/// Multi-row inserts are split so no statement passes SQLite's bound-parameter limit.
+pub(crate) const INSERT_CHUNK: usize = 500;
+
+/// How often a transaction that lost a duplicate race is run again.
+pub(crate) const DUPLICATE_RETRIES: usize = 3;
+
+macro_rules! impl_sql_store {
+    ($store:ty, $batch:ident) => {
+        impl $crate::store::Store for $store {
+            async fn create_user(
+                &self,
+                user: &$crate::model::User,
+            ) -> $crate::store::StoreResult<()> {
+                use $crate::schema::users;
+                let mut conn = self.writer().await?;
+                match diesel::insert_into(users::table)
+                    .values(user)
+                    .execute(&mut *conn)
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(e) if $crate::store::sql::violation(&e).is_some() => {
+                        Err($crate::store::StoreError::UserExists)
+                    }
+                    Err(e) => Err($crate::store::sql::classify(e)),
+                }
+            }
+
+            async fn get_user(
+                &self,
+                id: i64,
+            ) -> $crate::store::StoreResult<Option<$crate::model::User>> {
+                use $crate::schema::users;
+                let mut conn = self.reader().await?;
+                users::table
+                    .find(id)
+                    .select($crate::model::User::as_select())
+                    .first(&mut *conn)
+                    .await
+                    .optional()
+                    .map_err($crate::store::sql::classify)
+            }
+
+            async fn get_user_by_username(
+                &self,
+                username: &str,
+            ) -> $crate::store::StoreResult<Option<$crate::model::User>> {
+                use $crate::schema::users;
+                let mut conn = self.reader().await?;
+                users::table
+                    .filter(users::username.eq(username))
+                    .select($crate::model::User::as_select())
+                    .first(&mut *conn)
+                    .await
+                    .optional()
+                    .map_err($crate::store::sql::classify)
+            }
+
+            async fn get_users(
+                &self,
+                ids: &[i64],
+            ) -> $crate::store::StoreResult<Vec<$crate::model::User>> {
+                use $crate::schema::users;
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut conn = self.reader().await?;
+                let mut out = Vec::with_capacity(ids.len());
+                for chunk in ids.chunks($crate::store::sql::INSERT_CHUNK) {
+                    let rows: Vec<$crate::model::User> = users::table
+                        .filter(users::id.eq_any(chunk))
+                        .select($crate::model::User::as_select())
+                        .load(&mut *conn)
+                        .await
+                        .map_err($crate::store::sql::classify)?;
+                    out.extend(rows);
+                }
+                Ok(out)
+            }
+
+            async fn update_user(
+                &self,
+                id: i64,
+                changes: &$crate::model::UserChanges,
+                now: i64,
+            ) -> $crate::store::StoreResult<Option<$crate::model::User>> {
+                use $crate::schema::users;
+                let set = $crate::store::sql::UserChangeset {
+                    nickname: changes.nickname.as_deref(),
+                    avatar_url: changes.avatar_url.as_deref(),
+                    password_hash: changes.password_hash.as_deref(),
+                    updated_at: now,
+                };
+                let mut conn = self.writer().await?;
+                diesel::update(users::table.find(id))
+                    .set(&set)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err($crate::store::sql::classify)?;
+                users::table
+                    .find(id)
+                    .select($crate::model::User::as_select())
+                    .first(&mut *conn)
+                    .await
+                    .optional()
+                    .map_err($crate::store::sql::classify)
+            }
+
+            async fn save_messages(
+                &self,
+                batch: &[$crate::model::Message],
+            ) -> $crate::store::StoreResult<Vec<$crate::model::SaveOutcome>> {
+                use std::collections::{BTreeMap, HashMap};
+                use $crate::model::{Message, SaveOutcome};
+                use $crate::schema::{conversations, messages};
+                use $crate::store::StoreError;
+                use $crate::store::sql::{NewConversation, TxError, Violation};
+
+                if batch.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let now = gochat_infra::time::now_ms();
+                let mut new_convs = BTreeMap::new();
+                for m in batch {
+                    if m.seq_id <= 0 {
+                        return Err(StoreError::Invalid(format!(
+                            "seq_id must be positive, got {}",
+                            m.seq_id
+                        )));
+                    }
+                    if !new_convs.contains_key(&m.conversation_id) {
+                        new_convs.insert(
+                            m.conversation_id.clone(),
+                            NewConversation::for_id(&m.conversation_id, now)?,
+                        );
+                    }
+                }
+                let new_convs: Vec<NewConversation> = new_convs.into_values().collect();
+                let ids: Vec<i64> = batch.iter().map(|m| m.id).collect();
+                let keyed: Vec<&str> = batch
+                    .iter()
+                    .filter_map(|m| m.client_msg_id.as_deref())
+                    .collect();
+
+                let mut conn = self.writer().await?;
+                for _attempt in 0..$crate::store::sql::DUPLICATE_RETRIES {
+                    let result = conn
+                        .transaction::<Vec<SaveOutcome>, TxError, _>(async |conn| {
+                            $batch!(
+                                conn,
+                                insert_or_ignore_into,
+                                conversations::table,
+                                new_convs.clone()
+                            )?;
+                            // What is stored already, by id or by idempotency key.
+                            let mut by_id: HashMap<i64, Message> = HashMap::new();
+                            let mut by_key: HashMap<(i64, String), Message> = HashMap::new();
+                            for chunk in ids.chunks($crate::store::sql::INSERT_CHUNK) {
+                                let rows: Vec<Message> = messages::table
+                                    .filter(messages::id.eq_any(chunk))
+                                    .select(Message::as_select())
+                                    .load(conn)
+                                    .await?;
+                                by_id.extend(rows.into_iter().map(|m| (m.id, m)));
+                            }
+                            for chunk in keyed.chunks($crate::store::sql::INSERT_CHUNK) {
+                                let rows: Vec<Message> = messages::table
+                                    .filter(messages::client_msg_id.eq_any(chunk))
+                                    .select(Message::as_select())
+                                    .load(conn)
+                                    .await?;
+                                for m in rows {
+                                    if let Some(k) = m.client_msg_id.clone() {
+                                        by_key.insert((m.sender_id, k), m);
+                                    }
+                                }
+                            }
+                            // Decide each message: new, or a duplicate of a stored or an earlier one.
+                            let mut outcomes = Vec::with_capacity(batch.len());
+                            let mut fresh: Vec<&Message> = Vec::new();
+                            let mut fresh_by_key: HashMap<(i64, &str), usize> = HashMap::new();
+                            let mut fresh_ids: HashMap<i64, usize> = HashMap::new();
+                            for m in batch {
+                                let key = m.client_msg_id.as_deref().map(|k| (m.sender_id, k));
+                                let original = by_id.get(&m.id).cloned().or_else(|| {
+                                    key.and_then(|(s, k)| by_key.get(&(s, k.to_owned())).cloned())
+                                });
+                                let earlier = fresh_ids
+                                    .get(&m.id)
+                                    .copied()
+                                    .or_else(|| key.and_then(|k| fresh_by_key.get(&k).copied()));
+                                if let Some(original) = original {
+                                    outcomes.push(SaveOutcome {
+                                        message: original,
+                                        duplicate: true,
+                                    });
+                                } else if let Some(i) = earlier {
+                                    outcomes.push(SaveOutcome {
+                                        message: fresh[i].clone(),
+                                        duplicate: true,
+                                    });
+                                } else {
+                                    let mut stored = m.clone();
+                                    if stored.created_at <= 0 {
+                                        stored.created_at = now;
+                                    }
+                                    fresh_ids.insert(m.id, fresh.len());
+                                    if let Some(k) = key {
+                                        fresh_by_key.insert(k, fresh.len());
+                                    }
+                                    fresh.push(m);
+                                    outcomes.push(SaveOutcome {
+                                        message: stored,
+                                        duplicate: false,
+                                    });
+                                }
+                            }
+                            let rows: Vec<Message> = outcomes
+                                .iter()
+                                .filter(|o| !o.duplicate)
+                                .map(|o| o.message.clone())
+                                .collect();
+                            for chunk in rows.chunks($crate::store::sql::INSERT_CHUNK) {
+                                if let Err(e) =
+                                    $batch!(conn, insert_into, messages::table, chunk.to_vec())
+                                {
+                                    return Err(match $crate::store::sql::violation(&e) {
+                                        Some(Violation::Duplicate) => TxError::Retry,
+                                        Some(Violation::Seq) => {
+                                            let (conversation, seq) = chunk
+                                                .first()
+                                                .map(|m| (m.conversation_id.clone(), m.seq_id))
+                                                .unwrap_or_default();
+                                            TxError::Store(StoreError::SeqConflict {
+                                                conversation,
+                                                seq,
+                                            })
+                                        }
+                                        _ => TxError::Diesel(e),
+                                    });
+                                }
+                            }
+                            // Keep each conversation's last seq and last message.
+                            let mut last: HashMap<&str, &Message> = HashMap::new();
+                            for m in &rows {
+                                let e = last.entry(m.conversation_id.as_str()).or_insert(m);
+                                if m.seq_id > e.seq_id {
+                                    *e = m;
+                                }
+                            }
+                            for (conv, m) in last {
+                                diesel::update(
+                                    conversations::table
+                                        .filter(conversations::id.eq(conv))
+                                        .filter(conversations::last_seq.lt(m.seq_id)),
+                                )
+                                .set((
+                                    conversations::last_seq.eq(m.seq_id),
+                                    conversations::last_message_id.eq(Some(m.id)),
+                                    conversations::last_message_at.eq(m.created_at),
+                                    conversations::updated_at.eq(now),
+                                ))
+                                .execute(conn)
+                                .await?;
+                            }
+                            Ok(outcomes)
+                        })
+                        .await;
+                    match result {
+                        Ok(outcomes) => return Ok(outcomes),
+                        Err(TxError::Retry) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(TxError::Retry.into())
+            }
+
+            async fn get_message(
+                &self,
+                id: i64,
+            ) -> $crate::store::StoreResult<Option<$crate::model::Message>> {
+                use $crate::schema::messages;
+                let mut conn = self.reader().await?;
+                messages::table
+                    .find(id)
+                    .select($crate::model::Message::as_select())
+                    .first(&mut *conn)
+                    .await
+                    .optional()
+                    .map_err($crate::store::sql::classify)
+            }
+
+            async fn find_by_client_msg_id(
+                &self,
+                sender: i64,
+                client_msg_id: &str,
+            ) -> $crate::store::StoreResult<Option<$crate::model::Message>> {
+                use $crate::schema::messages;
+                let mut conn = self.reader().await?;
+                messages::table
+                    .filter(messages::sender_id.eq(sender))
+                    .filter(messages::client_msg_id.eq(client_msg_id))
+                    .select($crate::model::Message::as_select())
+                    .first(&mut *conn)
+                    .await
+                    .optional()
+                    .map_err($crate::store::sql::classify)
+            }
+
+            async fn get_messages(
+                &self,
+                conversation: &str,
+                direction: $crate::model::Direction,
+                limit: i64,
+            ) -> $crate::store::StoreResult<(Vec<$crate::model::Message>, bool)> {
+                use $crate::model::{Direction, Message};
+                use $crate::schema::messages;
+                let limit = limit.max(1);
+                let mut conn = self.reader().await?;
+                let mut rows: Vec<Message> = match direction {
+                    Direction::Forward { after_seq } => {
+                        messages::table
+                            .filter(messages::conversation_id.eq(conversation))
+                            .filter(messages::seq_id.gt(after_seq))
+                            .order(messages::seq_id.asc())
+                            .limit(limit + 1)
+                            .select(Message::as_select())
+                            .load(&mut *conn)
+                            .await
+                    }
+                    Direction::Backward {
+                        before_seq: Some(before),
+                    } => {
+                        messages::table
+                            .filter(messages::conversation_id.eq(conversation))
+                            .filter(messages::seq_id.lt(before))
+                            .order(messages::seq_id.desc())
+                            .limit(limit + 1)
+                            .select(Message::as_select())
+                            .load(&mut *conn)
+                            .await
+                    }
+                    Direction::Backward { before_seq: None } => {
+                        messages::table
+                            .filter(messages::conversation_id.eq(conversation))
+                            .order(messages::seq_id.desc())
+                            .limit(limit + 1)
+                            .select(Message::as_select())
+                            .load(&mut *conn)
+                            .await
+                    }
+                }
+                .map_err($crate::store::sql::classify)?;
+                let has_more = rows.len() as i64 > limit;
+                rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+                Ok((rows, has_more))
+            }
+
+            async fn seq_floor(&self, conversation: &str) -> $crate::store::StoreResult<i64> {
+                use $crate::schema::{conversations, messages};
+                let mut conn = self.reader().await?;
+                let row: Option<(i64, i64)> = conversations::table
+                    .find(conversation)
+                    .select((conversations::last_seq, conversations::seq_floor))
+                    .first(&mut *conn)
+                    .await
+                    .optional()
+                    .map_err($crate::store::sql::classify)?;
+                let stored: Option<i64> = messages::table
+                    .filter(messages::conversation_id.eq(conversation))
+                    .select(diesel::dsl::max(messages::seq_id))
+                    .first(&mut *conn)
+                    .await
+                    .map_err($crate::store::sql::classify)?;
+                let (last, floor) = row.unwrap_or((0, 0));
+                Ok(last.max(floor).max(stored.unwrap_or(0)))
+            }
+
+            async fn reserve_seq(
+                &self,
+                conversation: &str,
+                n: i64,
+            ) -> $crate::store::StoreResult<i64> {
+                use $crate::schema::conversations;
+                use $crate::store::sql::{NewConversation, TxError};
+                let row = NewConversation::for_id(conversation, gochat_infra::time::now_ms())?;
+                let n = n.max(1);
+                let mut conn = self.writer().await?;
+                conn.transaction::<i64, TxError, _>(async |conn| {
+                    diesel::insert_or_ignore_into(conversations::table)
+                        .values(&row)
+                        .execute(conn)
+                        .await?;
+                    diesel::update(
+                        conversations::table
+                            .filter(conversations::id.eq(conversation))
+                            .filter(conversations::seq_floor.lt(conversations::last_seq)),
+                    )
+                    .set(conversations::seq_floor.eq(conversations::last_seq))
+                    .execute(conn)
+                    .await?;
+                    diesel::update(conversations::table.filter(conversations::id.eq(conversation)))
+                        .set(conversations::seq_floor.eq(conversations::seq_floor + n))
+                        .execute(conn)
+                        .await?;
+                    Ok(conversations::table
+                        .find(conversation)
+                        .select(conversations::seq_floor)
+                        .first(conn)
+                        .await?)
+                })
+                .await
+                .map_err(Into::into)
+            }
+
+            async fn create_group(
+                &self,
+                group: &$crate::model::Group,
+                members: &[(i64, i32)],
+                now: i64,
+            ) -> $crate::store::StoreResult<$crate::model::Group> {
+                use $crate::model::Group;
+                use $crate::schema::{conversations, group_members, groups};
+                use $crate::store::sql::{NewConversation, NewGroupMember, TxError};
+                let conv = NewConversation::for_id(
+                    &gochat_infra::ids::group_conversation_id(group.id),
+                    now,
+                )?;
+                let rows: Vec<NewGroupMember> = members
+                    .iter()
+                    .map(|&(user_id, role)| NewGroupMember {
+                        group_id: group.id,
+                        user_id,
+                        role,
+                        joined_at: now,
+                    })
+                    .collect();
+                let mut conn = self.writer().await?;
+                conn.transaction::<Group, TxError, _>(async |conn| {
+                    diesel::insert_into(groups::table)
+                        .values(group)
+                        .execute(conn)
+                        .await?;
+                    diesel::insert_or_ignore_into(conversations::table)
+                        .values(&conv)
+                        .execute(conn)
+                        .await?;
+                    for chunk in rows.chunks($crate::store::sql::INSERT_CHUNK) {
+                        $batch!(
+                            conn,
+                            insert_or_ignore_into,
+                            group_members::table,
+                            chunk.to_vec()
+                        )?;
+                    }
+                    let count: i64 = group_members::table
+                        .filter(group_members::group_id.eq(group.id))
+                        .count()
+                        .get_result(conn)
+                        .await?;
+                    diesel::update(groups::table.find(group.id))
+                        .set(groups::member_count.eq(i32::try_from(count).unwrap_or(i32::MAX)))
+                        .execute(conn)
+                        .await?;
+                    Ok(groups::table
+                        .find(group.id)
+                        .select(Group::as_select())
+                        .first(conn)
+                        .await?)
+                })
+                .await
+                .map_err(Into::into)
+            }
+
+            async fn get_group(
+                &self,
+                id: i64,
+            ) -> $crate::store::StoreResult<Option<$crate::model::Group>> {
+                use $crate::schema::groups;
+                let mut conn = self.reader().await?;
+                groups::table
+                    .find(id)
+                    .select($crate::model::Group::as_select())
+                    .first(&mut *conn)
+                    .await
+                    .optional()
+                    .map_err($crate::store::sql::classify)
+            }
+
+            async fn get_groups(
+                &self,
+                ids: &[i64],
+            ) -> $crate::store::StoreResult<Vec<$crate::model::Group>> {
+                use $crate::schema::groups;
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut conn = self.reader().await?;
+                groups::table
+                    .filter(groups::id.eq_any(ids))
+                    .select($crate::model::Group::as_select())
+                    .load(&mut *conn)
+                    .await
+                    .map_err($crate::store::sql::classify)
+            }
+
+            async fn add_group_members(
+                &self,
+                group: i64,
+                users: &[i64],
+                role: i32,
+                max_members: i64,
+                now: i64,
+            ) -> $crate::store::StoreResult<($crate::model::Group, i64)> {
+                use $crate::model::Group;
+                use $crate::schema::{group_members, groups};
+                use $crate::store::StoreError;
+                use $crate::store::sql::{NewGroupMember, TxError};
+                let rows: Vec<NewGroupMember> = users
+                    .iter()
+                    .map(|&user_id| NewGroupMember {
+                        group_id: group,
+                        user_id,
+                        role,
+                        joined_at: now,
+                    })
+                    .collect();
+                let mut conn = self.writer().await?;
+                conn.transaction::<(Group, i64), TxError, _>(async |conn| {
+                    // The UPDATE locks the group row until commit, serializing membership changes.
+                    diesel::update(groups::table.find(group))
+                        .set(groups::updated_at.eq(now))
+                        .execute(conn)
+                        .await?;
+                    let exists: Option<i64> = groups::table
+                        .find(group)
+                        .select(groups::id)
+                        .first(conn)
+                        .await
+                        .optional()?;
+                    if exists.is_none() {
+                        return Err(TxError::Store(StoreError::GroupNotFound(group)));
+                    }
+                    let mut added = 0i64;
+                    for chunk in rows.chunks($crate::store::sql::INSERT_CHUNK) {
+                        let n = $batch!(
+                            conn,
+                            insert_or_ignore_into,
+                            group_members::table,
+                            chunk.to_vec()
+                        )?;
+                        added += i64::try_from(n).unwrap_or(0);
+                    }
+                    let count: i64 = group_members::table
+                        .filter(group_members::group_id.eq(group))
+                        .count()
+                        .get_result(conn)
+                        .await?;
+                    if count > max_members {
+                        return Err(TxError::Store(StoreError::GroupFull {
+                            group,
+                            limit: max_members,
+                        }));
+                    }
+                    diesel::update(groups::table.find(group))
+                        .set(groups::member_count.eq(i32::try_from(count).unwrap_or(i32::MAX)))
+                        .execute(conn)
+                        .await?;
+                    let g = groups::table
+                        .find(group)
+                        .select(Group::as_select())
+                        .first(conn)
+                        .await?;
+                    Ok((g, added))
+                })
+                .await
+                .map_err(Into::into)
+            }
+
+            async fn remove_group_member(
+                &self,
+                group: i64,
+                user: i64,
+                now: i64,
+            ) -> $crate::store::StoreResult<($crate::model::Group, bool)> {
+                use $crate::model::Group;
+                use $crate::schema::{group_members, groups};
+                use $crate::store::StoreError;
+                use $crate::store::sql::TxError;
+                let mut conn = self.writer().await?;
+                conn.transaction::<(Group, bool), TxError, _>(async |conn| {
+                    diesel::update(groups::table.find(group))
+                        .set(groups::updated_at.eq(now))
+                        .execute(conn)
+                        .await?;
+                    let exists: Option<i64> = groups::table
+                        .find(group)
+                        .select(groups::id)
+                        .first(conn)
+                        .await
+                        .optional()?;
+                    if exists.is_none() {
+                        return Err(TxError::Store(StoreError::GroupNotFound(group)));
+                    }
+                    let removed = diesel::delete(
+                        group_members::table
+                            .filter(group_members::group_id.eq(group))
+                            .filter(group_members::user_id.eq(user)),
+                    )
+                    .execute(conn)
+                    .await?;
+                    let count: i64 = group_members::table
+                        .filter(group_members::group_id.eq(group))
+                        .count()
+                        .get_result(conn)
+                        .await?;
+                    diesel::update(groups::table.find(group))
+                        .set(groups::member_count.eq(i32::try_from(count).unwrap_or(i32::MAX)))
+                        .execute(conn)
+                        .await?;
+                    let g = groups::table
+                        .find(group)
+                        .select(Group::as_select())
+                        .first(conn)
+                        .await?;
+                    Ok((g, removed > 0))
+                })
+                .await
+                .map_err(Into::into)
+            }
+
+            async fn group_members(
+                &self,
+                group: i64,
+                offset: i64,
+                limit: i64,
+            ) -> $crate::store::StoreResult<(Vec<$crate::model::GroupMember>, i64)> {
+                use $crate::schema::group_members;
+                let mut conn = self.reader().await?;
+                let rows = group_members::table
+                    .filter(group_members::group_id.eq(group))
+                    .order(group_members::id.asc())
+                    .offset(offset.max(0))
+                    .limit(limit.max(0))
+                    .select($crate::model::GroupMember::as_select())
+                    .load(&mut *conn)
+                    .await
+                    .map_err($crate::store::sql::classify)?;
+                let total: i64 = group_members::table
+                    .filter(group_members::group_id.eq(group))
+                    .count()
+                    .get_result(&mut *conn)
+                    .await
+                    .map_err($crate::store::sql::classify)?;
+                Ok((rows, total))
+            }
+
+            async fn group_member(
+                &self,
+                group: i64,
+                user: i64,
+            ) -> $crate::store::StoreResult<Option<$crate::model::GroupMember>> {
+                use $crate::schema::group_members;
+                let mut conn = self.reader().await?;
+                group_members::table
+                    .filter(group_members::group_id.eq(group))
+                    .filter(group_members::user_id.eq(user))
+                    .select($crate::model::GroupMember::as_select())
+                    .first(&mut *conn)
+                    .await
+                    .optional()
+                    .map_err($crate::store::sql::classify)
+            }
+
+            async fn group_member_ids(&self, group: i64) -> $crate::store::StoreResult<Vec<i64>> {
+                use $crate::schema::group_members;
+                let mut conn = self.reader().await?;
+                group_members::table
+                    .filter(group_members::group_id.eq(group))
+                    .order(group_members::id.asc())
+                    .select(group_members::user_id)
+                    .load(&mut *conn)
+                    .await
+                    .map_err($crate::store::sql::classify)
+            }
+
+            async fn ensure_single_conversation(
+                &self,
+                conversation: &str,
+                a: i64,
+                b: i64,
+                now: i64,
+            ) -> $crate::store::StoreResult<($crate::model::Conversation, bool)> {
+                use $crate::model::Conversation;
+                use $crate::schema::{conversation_members, conversations};
+                use $crate::store::sql::{NewConversation, NewConversationMember, TxError};
+                let row = NewConversation::for_id(conversation, now)?;
+                let members = [a, b].map(|user_id| NewConversationMember {
+                    conversation_id: conversation.to_owned(),
+                    user_id,
+                    joined_at: now,
+                });
+                let mut conn = self.writer().await?;
+                conn.transaction::<(Conversation, bool), TxError, _>(async |conn| {
+                    let created = diesel::insert_or_ignore_into(conversations::table)
+                        .values(&row)
+                        .execute(conn)
+                        .await?;
+                    $batch!(
+                        conn,
+                        insert_or_ignore_into,
+                        conversation_members::table,
+                        members.to_vec()
+                    )?;
+                    let c = conversations::table
+                        .find(conversation)
+                        .select(Conversation::as_select())
+                        .first(conn)
+                        .await?;
+                    Ok((c, created > 0))
+                })
+                .await
+                .map_err(Into::into)
+            }
+
+            async fn get_conversation(
+                &self,
+                id: &str,
+            ) -> $crate::store::StoreResult<Option<$crate::model::Conversation>> {
+                use $crate::schema::conversations;
+                let mut conn = self.reader().await?;
+                conversations::table
+                    .find(id)
+                    .select($crate::model::Conversation::as_select())
+                    .first(&mut *conn)
+                    .await
+                    .optional()
+                    .map_err($crate::store::sql::classify)
+            }
+
+            async fn user_conversations(
+                &self,
+                user: i64,
+                offset: i64,
+                limit: i64,
+            ) -> $crate::store::StoreResult<(Vec<$crate::model::UserConversation>, i64)> {
+                use std::collections::HashMap;
+                use $crate::model::{Conversation, Message, UserConversation};
+                use $crate::schema::{
+                    conversation_members, conversations, group_members, messages,
+                    user_read_pointers,
+                };
+                macro_rules! mine {
+                    () => {
+                        conversations::id
+                            .eq_any(
+                                conversation_members::table
+                                    .filter(conversation_members::user_id.eq(user))
+                                    .select(conversation_members::conversation_id),
+                            )
+                            .or(conversations::group_id.assume_not_null().eq_any(
+                                group_members::table
+                                    .filter(group_members::user_id.eq(user))
+                                    .select(group_members::group_id),
+                            ))
+                            .or(conversations::kind.eq(3))
+                    };
+                }
+                let mut conn = self.reader().await?;
+                let rows: Vec<Conversation> = conversations::table
+                    .filter(mine!())
+                    .order((
+                        conversations::last_message_at.desc(),
+                        conversations::id.asc(),
+                    ))
+                    .offset(offset.max(0))
+                    .limit(limit.max(0))
+                    .select(Conversation::as_select())
+                    .load(&mut *conn)
+                    .await
+                    .map_err($crate::store::sql::classify)?;
+                let total: i64 = conversations::table
+                    .filter(mine!())
+                    .count()
+                    .get_result(&mut *conn)
+                    .await
+                    .map_err($crate::store::sql::classify)?;
+                let ids: Vec<&str> = rows.iter().map(|c| c.id.as_str()).collect();
+                let pointers: HashMap<String, i64> = user_read_pointers::table
+                    .filter(user_read_pointers::user_id.eq(user))
+                    .filter(user_read_pointers::conversation_id.eq_any(&ids))
+                    .select((
+                        user_read_pointers::conversation_id,
+                        user_read_pointers::last_read_seq_id,
+                    ))
+                    .load::<(String, i64)>(&mut *conn)
+                    .await
+                    .map_err($crate::store::sql::classify)?
+                    .into_iter()
+                    .collect();
+                let last_ids: Vec<i64> = rows.iter().filter_map(|c| c.last_message_id).collect();
+                let mut last: HashMap<i64, Message> = messages::table
+                    .filter(messages::id.eq_any(&last_ids))
+                    .select(Message::as_select())
+                    .load(&mut *conn)
+                    .await
+                    .map_err($crate::store::sql::classify)?
+                    .into_iter()
+                    .map(|m| (m.id, m))
+                    .collect();
+                let out = rows
+                    .into_iter()
+                    .map(|c| UserConversation {
+                        last_read_seq: pointers.get(&c.id).copied().unwrap_or(0),
+                        last_message: c.last_message_id.and_then(|id| last.remove(&id)),
+                        conversation: c,
+                    })
+                    .collect();
+                Ok((out, total))
+            }
+
+            async fn read_pointer(
+                &self,
+                user: i64,
+                conversation: &str,
+            ) -> $crate::store::StoreResult<i64> {
+                use $crate::schema::user_read_pointers;
+                let mut conn = self.reader().await?;
+                let v: Option<i64> = user_read_pointers::table
+                    .filter(user_read_pointers::user_id.eq(user))
+                    .filter(user_read_pointers::conversation_id.eq(conversation))
+                    .select(user_read_pointers::last_read_seq_id)
+                    .first(&mut *conn)
+                    .await
+                    .optional()
+                    .map_err($crate::store::sql::classify)?;
+                Ok(v.unwrap_or(0))
+            }
+
+            async fn update_read_pointer(
+                &self,
+                user: i64,
+                conversation: &str,
+                seq: i64,
+                now: i64,
+            ) -> $crate::store::StoreResult<(i64, i64)> {
+                use $crate::schema::{conversations, user_read_pointers};
+                use $crate::store::StoreError;
+                use $crate::store::sql::{NewReadPointer, TxError};
+                let mut conn = self.writer().await?;
+                conn.transaction::<(i64, i64), TxError, _>(async |conn| {
+                    let last_seq: Option<i64> = conversations::table
+                        .find(conversation)
+                        .select(conversations::last_seq)
+                        .first(conn)
+                        .await
+                        .optional()?;
+                    let Some(last_seq) = last_seq else {
+                        return Err(TxError::Store(StoreError::ConversationNotFound(
+                            conversation.to_owned(),
+                        )));
+                    };
+                    let target = seq.min(last_seq).max(0);
+                    diesel::insert_or_ignore_into(user_read_pointers::table)
+                        .values(&NewReadPointer {
+                            user_id: user,
+                            conversation_id: conversation,
+                            last_read_seq_id: 0,
+                            updated_at: now,
+                        })
+                        .execute(conn)
+                        .await?;
+                    diesel::update(
+                        user_read_pointers::table
+                            .filter(user_read_pointers::user_id.eq(user))
+                            .filter(user_read_pointers::conversation_id.eq(conversation))
+                            .filter(user_read_pointers::last_read_seq_id.lt(target)),
+                    )
+                    .set((
+                        user_read_pointers::last_read_seq_id.eq(target),
+                        user_read_pointers::updated_at.eq(now),
+                    ))
+                    .execute(conn)
+                    .await?;
+                    let pointer: i64 = user_read_pointers::table
+                        .filter(user_read_pointers::user_id.eq(user))
+                        .filter(user_read_pointers::conversation_id.eq(conversation))
+                        .select(user_read_pointers::last_read_seq_id)
+                        .first(conn)
+                        .await?;
+                    Ok((pointer, last_seq))
+                })
+                .await
+                .map_err(Into::into)
+            }
+        }
+    };
+}
+
+pub(crate) use impl_sql_store;

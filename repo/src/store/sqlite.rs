@@ -1,0 +1,142 @@
+//! The embedded default: SQLite in WAL mode through diesel-async's `SyncConnectionWrapper`.
+//!
+//! One writer connection sits behind an async mutex, so writers queue in-process instead of
+//! failing with `SQLITE_BUSY`; readers come from a pool and never wait for the writer (WAL).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use diesel::prelude::*;
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures::FutureExt;
+use tokio::sync::{Mutex, MutexGuard};
+
+use super::sql::impl_sql_store;
+use super::{StoreError, StoreResult};
+
+/// The SQLite migrations, embedded in the binary.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations/sqlite");
+
+type Conn = SyncConnectionWrapper<SqliteConnection>;
+
+/// Every connection runs these first: WAL for concurrent readers, a busy timeout for the rare
+/// lock wait (another process, a checkpoint), and NORMAL sync, which in WAL mode loses no
+/// committed transaction on a process crash (only on power loss of the last ones).
+const PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+     PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY;";
+
+/// SQLite store; cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The one connection that writes.
+    writer: Mutex<Conn>,
+    /// Connections that only read.
+    readers: Pool<Conn>,
+    /// The database file.
+    path: String,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`, migrates it, and opens the writer
+    /// and `readers` reader connections.
+    pub async fn open(path: &str, readers: usize) -> StoreResult<Self> {
+        if let Some(dir) = Path::new(path).parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        migrate(path).await?;
+        let mut writer = Conn::establish(path)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {path}: {e}")))?;
+        writer
+            .batch_execute(PRAGMAS)
+            .await
+            .map_err(super::sql::classify)?;
+        let mut config = ManagerConfig::default();
+        config.custom_setup = Box::new(|url| {
+            let url = url.to_owned();
+            async move {
+                let mut conn = Conn::establish(&url).await?;
+                conn.batch_execute(PRAGMAS)
+                    .await
+                    .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+                Ok(conn)
+            }
+            .boxed()
+        });
+        let manager = AsyncDieselConnectionManager::<Conn>::new_with_config(path, config);
+        let pool = Pool::builder(manager)
+            .max_size(readers.max(1))
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("reader pool: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                writer: Mutex::new(writer),
+                readers: pool,
+                path: path.to_owned(),
+            }),
+        })
+    }
+
+    async fn writer(&self) -> StoreResult<MutexGuard<'_, Conn>> {
+        Ok(self.inner.writer.lock().await)
+    }
+
+    async fn reader(&self) -> StoreResult<Object<Conn>> {
+        self.inner
+            .readers
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("sqlite reader pool: {e}")))
+    }
+}
+
+/// Applies pending migrations to the file at `path`.
+pub async fn migrate(path: &str) -> StoreResult<()> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || -> StoreResult<()> {
+        let mut conn = SqliteConnection::establish(&path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {path}: {e}")))?;
+        diesel::connection::SimpleConnection::batch_execute(&mut conn, PRAGMAS)
+            .map_err(super::sql::classify)?;
+        conn.run_pending_migrations(MIGRATIONS)
+            .map_err(|e| StoreError::Database(format!("migrating {path}: {e}")))?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| StoreError::Database(format!("migration task: {e}")))?
+}
+
+/// Multi-row inserts run on the inner sync connection: diesel's SQLite batch insert is only
+/// implemented there (it is still inside the open transaction: same connection).
+macro_rules! sqlite_batch {
+    ($conn:expr, $insert:ident, $table:expr, $rows:expr) => {{
+        let rows = $rows;
+        $conn
+            .spawn_blocking(move |c| {
+                diesel::RunQueryDsl::execute(diesel::$insert($table).values(&rows), c)
+            })
+            .await
+    }};
+}
+
+impl_sql_store!(SqliteStore, sqlite_batch);
