@@ -1,1 +1,106 @@
-fn main() {}
+//! The `gochat` binary: parses the command line and the configuration, then calls the service
+//! crates. No logic lives here.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gochat_infra::config::Config;
+
+/// gochat: an actor-based instant-messaging backend.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// A TOML configuration file (see gochat.example.toml); `GOCHAT_*` variables override it.
+    #[arg(long, global = true, env = "GOCHAT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the embedded database lives.
+    #[arg(long, global = true, default_value = "./data")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Run the repo service (users, messages, groups, conversations, presence) over gRPC.
+    Repo {
+        /// gRPC listen address (overrides `[repo] listen`).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut config = Config::load(cli.config.as_deref())?;
+    init_tracing(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Migrate => {
+                let url = gochat_repo::run::database_url(&config, &cli.data_dir);
+                let store = gochat_repo::store::AnyStore::open(&url, 1)
+                    .await
+                    .context("migrating the database")?;
+                tracing::info!(engine = store.engine(), "migrations applied");
+                Ok(())
+            }
+            Command::Repo { listen } => {
+                if let Some(l) = listen {
+                    config.repo.listen = l;
+                }
+                gochat_repo::run::run(&config, &cli.data_dir, shutdown_signal())
+                    .await
+                    .context("repo service")
+            }
+        }
+    })
+}
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if config.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(cause = %err, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(cause = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

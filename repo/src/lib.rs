@@ -13,3 +13,4 @@ pub mod schema;
 pub mod service;
 pub mod store;
 pub use service::{Repo, RepoSettings};
+pub mod run;

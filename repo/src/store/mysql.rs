@@ -3,13 +3,17 @@
 
 use diesel::prelude::*;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
-use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::{AsyncConnection, AsyncMysqlConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures::FutureExt;
 
-use super::sql::impl_sql_store;
+use super::sql::{
+    INSERT_CHUNK, Prepared, TxError, impl_sql_store, insert_failure, newest_per_conversation,
+};
 use super::{StoreError, StoreResult};
+use crate::model::{Message, SaveOutcome};
 
 /// The MySQL migrations, embedded in the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations/mysql");
@@ -35,7 +39,22 @@ impl MysqlStore {
     /// pool of at most `pool_size` connections. Fails when the server cannot be reached.
     pub async fn open(url: &str, pool_size: usize) -> StoreResult<Self> {
         migrate(url).await?;
-        let manager = AsyncDieselConnectionManager::<AsyncMysqlConnection>::new(url);
+        // READ COMMITTED: every statement sees the latest committed rows (a read after a lost
+        // race sees the winner), and InnoDB takes fewer gap locks than under REPEATABLE READ.
+        let mut config = ManagerConfig::default();
+        config.custom_setup = Box::new(|url| {
+            let url = url.to_owned();
+            async move {
+                let mut conn = AsyncMysqlConnection::establish(&url).await?;
+                conn.batch_execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                    .await
+                    .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+                Ok(conn)
+            }
+            .boxed()
+        });
+        let manager =
+            AsyncDieselConnectionManager::<AsyncMysqlConnection>::new_with_config(url, config);
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .build()
@@ -51,6 +70,69 @@ impl MysqlStore {
 
     async fn writer(&self) -> StoreResult<Object<AsyncMysqlConnection>> {
         self.reader().await
+    }
+
+    /// One attempt at storing a batch, in one transaction.
+    async fn save_once(&self, p: &Prepared) -> Result<Vec<SaveOutcome>, TxError> {
+        use crate::schema::{conversations, messages};
+        let mut conn = self.writer().await.map_err(TxError::Store)?;
+        conn.transaction::<_, TxError, _>(async |c| {
+            // Lock the conversation rows first (X, in primary-key order), then create missing
+            // ones: a shared lock on a duplicate upgraded by the last_seq update would deadlock.
+            let ids: Vec<&str> = p.conversations.iter().map(|c| c.id.as_str()).collect();
+            diesel::update(conversations::table.filter(conversations::id.eq_any(&ids)))
+                .set(conversations::updated_at.eq(p.now))
+                .execute(c)
+                .await?;
+            diesel::insert_or_ignore_into(conversations::table)
+                .values(&p.conversations)
+                .execute(c)
+                .await?;
+            let mut stored = Vec::new();
+            for chunk in p.ids.chunks(INSERT_CHUNK) {
+                stored.extend(
+                    messages::table
+                        .filter(messages::id.eq_any(chunk))
+                        .select(Message::as_select())
+                        .load(c)
+                        .await?,
+                );
+            }
+            for chunk in p.keys.chunks(INSERT_CHUNK) {
+                stored.extend(
+                    messages::table
+                        .filter(messages::client_msg_id.eq_any(chunk))
+                        .select(Message::as_select())
+                        .load(c)
+                        .await?,
+                );
+            }
+            let (outcomes, rows) = p.plan(stored);
+            for chunk in rows.chunks(INSERT_CHUNK) {
+                diesel::insert_into(messages::table)
+                    .values(chunk)
+                    .execute(c)
+                    .await
+                    .map_err(|e| insert_failure(e, chunk))?;
+            }
+            for m in newest_per_conversation(&rows) {
+                diesel::update(
+                    conversations::table
+                        .filter(conversations::id.eq(&m.conversation_id))
+                        .filter(conversations::last_seq.lt(m.seq_id)),
+                )
+                .set((
+                    conversations::last_seq.eq(m.seq_id),
+                    conversations::last_message_id.eq(Some(m.id)),
+                    conversations::last_message_at.eq(m.created_at),
+                    conversations::updated_at.eq(p.now),
+                ))
+                .execute(c)
+                .await?;
+            }
+            Ok(outcomes)
+        })
+        .await
     }
 
     async fn reader(&self) -> StoreResult<Object<AsyncMysqlConnection>> {

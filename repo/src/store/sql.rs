@@ -10,10 +10,13 @@
 //! `UPDATE`, and row locks are taken with an `UPDATE` (InnoDB locks the row until commit;
 //! SQLite has one writer).
 
+use std::collections::HashMap;
+
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use gochat_infra::ids::ConversationKind;
 
 use super::StoreError;
+use crate::model::{Message, SaveOutcome};
 
 /// Which unique guard a failed insert hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,8 +169,185 @@ pub(crate) struct UserChangeset<'a> {
 /// Multi-row inserts are split so no statement passes SQLite's bound-parameter limit.
 pub(crate) const INSERT_CHUNK: usize = 500;
 
-/// How often a transaction that lost a duplicate race is run again.
-pub(crate) const DUPLICATE_RETRIES: usize = 3;
+/// How often a transaction that lost a race (a raced duplicate, an InnoDB deadlock or lock
+/// wait timeout, a busy SQLite file) is run again before the error is returned.
+pub(crate) const TX_RETRIES: usize = 8;
+
+/// Whether a transaction failed only because it raced another one and is worth running again.
+pub(crate) fn is_transient(err: &TxError) -> bool {
+    match err {
+        TxError::Retry => true,
+        TxError::Diesel(DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _)) => {
+            true
+        }
+        TxError::Diesel(DieselError::DatabaseError(_, info)) => {
+            let m = info.message();
+            m.contains("Deadlock found")
+                || m.contains("Lock wait timeout")
+                || m.contains("database is locked")
+        }
+        _ => false,
+    }
+}
+
+/// Waits before retry `attempt` (0-based): 2, 4, 8 ... ms, at most 128 ms, plus jitter so
+/// racing transactions do not meet again.
+pub(crate) async fn backoff(attempt: usize) {
+    let base = 2u64 << attempt.min(6);
+    let jitter = rand::random::<u64>() % (base + 1);
+    tokio::time::sleep(std::time::Duration::from_millis(base + jitter)).await;
+}
+
+/// Runs a diesel-async transaction, again (after [`backoff`]) while it fails transiently.
+macro_rules! retry_tx {
+    ($conn:expr, $ty:ty, $body:expr) => {{
+        let mut attempt = 0usize;
+        loop {
+            let result = $conn
+                .transaction::<$ty, $crate::store::sql::TxError, _>($body)
+                .await;
+            match result {
+                Err(e)
+                    if attempt + 1 < $crate::store::sql::TX_RETRIES
+                        && $crate::store::sql::is_transient(&e) =>
+                {
+                    $crate::store::sql::backoff(attempt).await;
+                    attempt += 1;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+pub(crate) use retry_tx;
+
+/// A batch checked and indexed for storage, shared by both backends' save paths.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    /// The messages as asked, `created_at` filled in.
+    pub batch: Vec<Message>,
+    /// Conversation rows to create when missing.
+    pub conversations: Vec<NewConversation>,
+    /// Ids of the batch.
+    pub ids: Vec<i64>,
+    /// Idempotency keys of the batch.
+    pub keys: Vec<String>,
+    /// Transaction time.
+    pub now: i64,
+}
+
+impl Prepared {
+    /// Checks seqs and conversation ids.
+    pub(crate) fn new(batch: &[Message], now: i64) -> Result<Self, StoreError> {
+        let mut conversations = std::collections::BTreeMap::new();
+        let mut out = Vec::with_capacity(batch.len());
+        for m in batch {
+            if m.seq_id <= 0 {
+                return Err(StoreError::Invalid(format!(
+                    "seq_id must be positive, got {}",
+                    m.seq_id
+                )));
+            }
+            if !conversations.contains_key(&m.conversation_id) {
+                conversations.insert(
+                    m.conversation_id.clone(),
+                    NewConversation::for_id(&m.conversation_id, now)?,
+                );
+            }
+            let mut m = m.clone();
+            if m.created_at <= 0 {
+                m.created_at = now;
+            }
+            out.push(m);
+        }
+        Ok(Self {
+            ids: out.iter().map(|m| m.id).collect(),
+            keys: out.iter().filter_map(|m| m.client_msg_id.clone()).collect(),
+            batch: out,
+            conversations: conversations.into_values().collect(),
+            now,
+        })
+    }
+
+    /// Decides each message against what is stored (`stored`: rows found by id or by key):
+    /// a duplicate of a stored message, a duplicate of an earlier one in the batch, or new.
+    /// Returns the outcomes in batch order and the rows to insert.
+    pub(crate) fn plan(&self, stored: Vec<Message>) -> (Vec<SaveOutcome>, Vec<Message>) {
+        let mut by_id: HashMap<i64, Message> = HashMap::new();
+        let mut by_key: HashMap<(i64, String), Message> = HashMap::new();
+        for m in stored {
+            if let Some(k) = m.client_msg_id.clone() {
+                by_key.insert((m.sender_id, k), m.clone());
+            }
+            by_id.insert(m.id, m);
+        }
+        let mut outcomes = Vec::with_capacity(self.batch.len());
+        let mut fresh: Vec<Message> = Vec::new();
+        let mut fresh_by_key: HashMap<(i64, &str), usize> = HashMap::new();
+        let mut fresh_ids: HashMap<i64, usize> = HashMap::new();
+        for m in &self.batch {
+            let key = m.client_msg_id.as_deref().map(|k| (m.sender_id, k));
+            let original = by_id
+                .get(&m.id)
+                .cloned()
+                .or_else(|| key.and_then(|(s, k)| by_key.get(&(s, k.to_owned())).cloned()));
+            let earlier = fresh_ids
+                .get(&m.id)
+                .copied()
+                .or_else(|| key.and_then(|k| fresh_by_key.get(&k).copied()));
+            if let Some(original) = original {
+                outcomes.push(SaveOutcome {
+                    message: original,
+                    duplicate: true,
+                });
+            } else if let Some(i) = earlier {
+                outcomes.push(SaveOutcome {
+                    message: fresh[i].clone(),
+                    duplicate: true,
+                });
+            } else {
+                fresh_ids.insert(m.id, fresh.len());
+                if let Some(k) = key {
+                    fresh_by_key.insert(k, fresh.len());
+                }
+                fresh.push(m.clone());
+                outcomes.push(SaveOutcome {
+                    message: m.clone(),
+                    duplicate: false,
+                });
+            }
+        }
+        (outcomes, fresh)
+    }
+}
+
+/// The newest of `rows` per conversation: what each conversation row must be moved forward to.
+pub(crate) fn newest_per_conversation(rows: &[Message]) -> Vec<&Message> {
+    let mut last: HashMap<&str, &Message> = HashMap::new();
+    for m in rows {
+        let e = last.entry(m.conversation_id.as_str()).or_insert(m);
+        if m.seq_id > e.seq_id {
+            *e = m;
+        }
+    }
+    last.into_values().collect()
+}
+
+/// Maps a failed message insert: a raced duplicate retries, a taken seq is a conflict.
+pub(crate) fn insert_failure(err: DieselError, chunk: &[Message]) -> TxError {
+    match violation(&err) {
+        Some(Violation::Duplicate) => TxError::Retry,
+        Some(Violation::Seq) => {
+            let (conversation, seq) = chunk
+                .first()
+                .map(|m| (m.conversation_id.clone(), m.seq_id))
+                .unwrap_or_default();
+            TxError::Store(StoreError::SeqConflict { conversation, seq })
+        }
+        _ => TxError::Diesel(err),
+    }
+}
 
 macro_rules! impl_sql_store {
     ($store:ty, $batch:ident) => {
@@ -275,169 +455,25 @@ macro_rules! impl_sql_store {
                 &self,
                 batch: &[$crate::model::Message],
             ) -> $crate::store::StoreResult<Vec<$crate::model::SaveOutcome>> {
-                use std::collections::{BTreeMap, HashMap};
-                use $crate::model::{Message, SaveOutcome};
-                use $crate::schema::{conversations, messages};
-                use $crate::store::StoreError;
-                use $crate::store::sql::{NewConversation, TxError, Violation};
-
                 if batch.is_empty() {
                     return Ok(Vec::new());
                 }
-                let now = gochat_infra::time::now_ms();
-                let mut new_convs = BTreeMap::new();
-                for m in batch {
-                    if m.seq_id <= 0 {
-                        return Err(StoreError::Invalid(format!(
-                            "seq_id must be positive, got {}",
-                            m.seq_id
-                        )));
-                    }
-                    if !new_convs.contains_key(&m.conversation_id) {
-                        new_convs.insert(
-                            m.conversation_id.clone(),
-                            NewConversation::for_id(&m.conversation_id, now)?,
-                        );
-                    }
-                }
-                let new_convs: Vec<NewConversation> = new_convs.into_values().collect();
-                let ids: Vec<i64> = batch.iter().map(|m| m.id).collect();
-                let keyed: Vec<&str> = batch
-                    .iter()
-                    .filter_map(|m| m.client_msg_id.as_deref())
-                    .collect();
-
-                let mut conn = self.writer().await?;
-                for _attempt in 0..$crate::store::sql::DUPLICATE_RETRIES {
-                    let result = conn
-                        .transaction::<Vec<SaveOutcome>, TxError, _>(async |conn| {
-                            $batch!(
-                                conn,
-                                insert_or_ignore_into,
-                                conversations::table,
-                                new_convs.clone()
-                            )?;
-                            // What is stored already, by id or by idempotency key.
-                            let mut by_id: HashMap<i64, Message> = HashMap::new();
-                            let mut by_key: HashMap<(i64, String), Message> = HashMap::new();
-                            for chunk in ids.chunks($crate::store::sql::INSERT_CHUNK) {
-                                let rows: Vec<Message> = messages::table
-                                    .filter(messages::id.eq_any(chunk))
-                                    .select(Message::as_select())
-                                    .load(conn)
-                                    .await?;
-                                by_id.extend(rows.into_iter().map(|m| (m.id, m)));
-                            }
-                            for chunk in keyed.chunks($crate::store::sql::INSERT_CHUNK) {
-                                let rows: Vec<Message> = messages::table
-                                    .filter(messages::client_msg_id.eq_any(chunk))
-                                    .select(Message::as_select())
-                                    .load(conn)
-                                    .await?;
-                                for m in rows {
-                                    if let Some(k) = m.client_msg_id.clone() {
-                                        by_key.insert((m.sender_id, k), m);
-                                    }
-                                }
-                            }
-                            // Decide each message: new, or a duplicate of a stored or an earlier one.
-                            let mut outcomes = Vec::with_capacity(batch.len());
-                            let mut fresh: Vec<&Message> = Vec::new();
-                            let mut fresh_by_key: HashMap<(i64, &str), usize> = HashMap::new();
-                            let mut fresh_ids: HashMap<i64, usize> = HashMap::new();
-                            for m in batch {
-                                let key = m.client_msg_id.as_deref().map(|k| (m.sender_id, k));
-                                let original = by_id.get(&m.id).cloned().or_else(|| {
-                                    key.and_then(|(s, k)| by_key.get(&(s, k.to_owned())).cloned())
-                                });
-                                let earlier = fresh_ids
-                                    .get(&m.id)
-                                    .copied()
-                                    .or_else(|| key.and_then(|k| fresh_by_key.get(&k).copied()));
-                                if let Some(original) = original {
-                                    outcomes.push(SaveOutcome {
-                                        message: original,
-                                        duplicate: true,
-                                    });
-                                } else if let Some(i) = earlier {
-                                    outcomes.push(SaveOutcome {
-                                        message: fresh[i].clone(),
-                                        duplicate: true,
-                                    });
-                                } else {
-                                    let mut stored = m.clone();
-                                    if stored.created_at <= 0 {
-                                        stored.created_at = now;
-                                    }
-                                    fresh_ids.insert(m.id, fresh.len());
-                                    if let Some(k) = key {
-                                        fresh_by_key.insert(k, fresh.len());
-                                    }
-                                    fresh.push(m);
-                                    outcomes.push(SaveOutcome {
-                                        message: stored,
-                                        duplicate: false,
-                                    });
-                                }
-                            }
-                            let rows: Vec<Message> = outcomes
-                                .iter()
-                                .filter(|o| !o.duplicate)
-                                .map(|o| o.message.clone())
-                                .collect();
-                            for chunk in rows.chunks($crate::store::sql::INSERT_CHUNK) {
-                                if let Err(e) =
-                                    $batch!(conn, insert_into, messages::table, chunk.to_vec())
-                                {
-                                    return Err(match $crate::store::sql::violation(&e) {
-                                        Some(Violation::Duplicate) => TxError::Retry,
-                                        Some(Violation::Seq) => {
-                                            let (conversation, seq) = chunk
-                                                .first()
-                                                .map(|m| (m.conversation_id.clone(), m.seq_id))
-                                                .unwrap_or_default();
-                                            TxError::Store(StoreError::SeqConflict {
-                                                conversation,
-                                                seq,
-                                            })
-                                        }
-                                        _ => TxError::Diesel(e),
-                                    });
-                                }
-                            }
-                            // Keep each conversation's last seq and last message.
-                            let mut last: HashMap<&str, &Message> = HashMap::new();
-                            for m in &rows {
-                                let e = last.entry(m.conversation_id.as_str()).or_insert(m);
-                                if m.seq_id > e.seq_id {
-                                    *e = m;
-                                }
-                            }
-                            for (conv, m) in last {
-                                diesel::update(
-                                    conversations::table
-                                        .filter(conversations::id.eq(conv))
-                                        .filter(conversations::last_seq.lt(m.seq_id)),
-                                )
-                                .set((
-                                    conversations::last_seq.eq(m.seq_id),
-                                    conversations::last_message_id.eq(Some(m.id)),
-                                    conversations::last_message_at.eq(m.created_at),
-                                    conversations::updated_at.eq(now),
-                                ))
-                                .execute(conn)
-                                .await?;
-                            }
-                            Ok(outcomes)
-                        })
-                        .await;
-                    match result {
+                let prepared =
+                    $crate::store::sql::Prepared::new(batch, gochat_infra::time::now_ms())?;
+                let mut attempt = 0usize;
+                loop {
+                    match self.save_once(&prepared).await {
                         Ok(outcomes) => return Ok(outcomes),
-                        Err(TxError::Retry) => continue,
+                        Err(e)
+                            if attempt + 1 < $crate::store::sql::TX_RETRIES
+                                && $crate::store::sql::is_transient(&e) =>
+                        {
+                            $crate::store::sql::backoff(attempt).await;
+                            attempt += 1;
+                        }
                         Err(e) => return Err(e.into()),
                     }
                 }
-                Err(TxError::Retry.into())
             }
 
             async fn get_message(
@@ -547,11 +583,17 @@ macro_rules! impl_sql_store {
                 n: i64,
             ) -> $crate::store::StoreResult<i64> {
                 use $crate::schema::conversations;
-                use $crate::store::sql::{NewConversation, TxError};
+                use $crate::store::sql::NewConversation;
                 let row = NewConversation::for_id(conversation, gochat_infra::time::now_ms())?;
                 let n = n.max(1);
                 let mut conn = self.writer().await?;
-                conn.transaction::<i64, TxError, _>(async |conn| {
+                $crate::store::sql::retry_tx!(conn, i64, async |conn| {
+                    // Lock the row first (X), then create it if missing: taking a shared lock
+                    // on a duplicate and upgrading it later deadlocks concurrent callers.
+                    diesel::update(conversations::table.filter(conversations::id.eq(conversation)))
+                        .set(conversations::updated_at.eq(row.updated_at))
+                        .execute(conn)
+                        .await?;
                     diesel::insert_or_ignore_into(conversations::table)
                         .values(&row)
                         .execute(conn)
@@ -574,7 +616,6 @@ macro_rules! impl_sql_store {
                         .first(conn)
                         .await?)
                 })
-                .await
                 .map_err(Into::into)
             }
 
@@ -586,7 +627,7 @@ macro_rules! impl_sql_store {
             ) -> $crate::store::StoreResult<$crate::model::Group> {
                 use $crate::model::Group;
                 use $crate::schema::{conversations, group_members, groups};
-                use $crate::store::sql::{NewConversation, NewGroupMember, TxError};
+                use $crate::store::sql::{NewConversation, NewGroupMember};
                 let conv = NewConversation::for_id(
                     &gochat_infra::ids::group_conversation_id(group.id),
                     now,
@@ -601,7 +642,7 @@ macro_rules! impl_sql_store {
                     })
                     .collect();
                 let mut conn = self.writer().await?;
-                conn.transaction::<Group, TxError, _>(async |conn| {
+                $crate::store::sql::retry_tx!(conn, Group, async |conn| {
                     diesel::insert_into(groups::table)
                         .values(group)
                         .execute(conn)
@@ -633,7 +674,6 @@ macro_rules! impl_sql_store {
                         .first(conn)
                         .await?)
                 })
-                .await
                 .map_err(Into::into)
             }
 
@@ -691,7 +731,7 @@ macro_rules! impl_sql_store {
                     })
                     .collect();
                 let mut conn = self.writer().await?;
-                conn.transaction::<(Group, i64), TxError, _>(async |conn| {
+                $crate::store::sql::retry_tx!(conn, (Group, i64), async |conn| {
                     // The UPDATE locks the group row until commit, serializing membership changes.
                     diesel::update(groups::table.find(group))
                         .set(groups::updated_at.eq(now))
@@ -738,7 +778,6 @@ macro_rules! impl_sql_store {
                         .await?;
                     Ok((g, added))
                 })
-                .await
                 .map_err(Into::into)
             }
 
@@ -753,7 +792,7 @@ macro_rules! impl_sql_store {
                 use $crate::store::StoreError;
                 use $crate::store::sql::TxError;
                 let mut conn = self.writer().await?;
-                conn.transaction::<(Group, bool), TxError, _>(async |conn| {
+                $crate::store::sql::retry_tx!(conn, (Group, bool), async |conn| {
                     diesel::update(groups::table.find(group))
                         .set(groups::updated_at.eq(now))
                         .execute(conn)
@@ -790,7 +829,6 @@ macro_rules! impl_sql_store {
                         .await?;
                     Ok((g, removed > 0))
                 })
-                .await
                 .map_err(Into::into)
             }
 
@@ -858,7 +896,7 @@ macro_rules! impl_sql_store {
             ) -> $crate::store::StoreResult<($crate::model::Conversation, bool)> {
                 use $crate::model::Conversation;
                 use $crate::schema::{conversation_members, conversations};
-                use $crate::store::sql::{NewConversation, NewConversationMember, TxError};
+                use $crate::store::sql::{NewConversation, NewConversationMember};
                 let row = NewConversation::for_id(conversation, now)?;
                 let members = [a, b].map(|user_id| NewConversationMember {
                     conversation_id: conversation.to_owned(),
@@ -866,7 +904,7 @@ macro_rules! impl_sql_store {
                     joined_at: now,
                 });
                 let mut conn = self.writer().await?;
-                conn.transaction::<(Conversation, bool), TxError, _>(async |conn| {
+                $crate::store::sql::retry_tx!(conn, (Conversation, bool), async |conn| {
                     let created = diesel::insert_or_ignore_into(conversations::table)
                         .values(&row)
                         .execute(conn)
@@ -884,7 +922,6 @@ macro_rules! impl_sql_store {
                         .await?;
                     Ok((c, created > 0))
                 })
-                .await
                 .map_err(Into::into)
             }
 
@@ -1013,7 +1050,7 @@ macro_rules! impl_sql_store {
                 use $crate::store::StoreError;
                 use $crate::store::sql::{NewReadPointer, TxError};
                 let mut conn = self.writer().await?;
-                conn.transaction::<(i64, i64), TxError, _>(async |conn| {
+                $crate::store::sql::retry_tx!(conn, (i64, i64), async |conn| {
                     let last_seq: Option<i64> = conversations::table
                         .find(conversation)
                         .select(conversations::last_seq)
@@ -1026,15 +1063,8 @@ macro_rules! impl_sql_store {
                         )));
                     };
                     let target = seq.min(last_seq).max(0);
-                    diesel::insert_or_ignore_into(user_read_pointers::table)
-                        .values(&NewReadPointer {
-                            user_id: user,
-                            conversation_id: conversation,
-                            last_read_seq_id: 0,
-                            updated_at: now,
-                        })
-                        .execute(conn)
-                        .await?;
+                    // Move an existing pointer forward (X lock), and only then create a missing
+                    // one: a shared lock on a duplicate upgraded later deadlocks concurrent calls.
                     diesel::update(
                         user_read_pointers::table
                             .filter(user_read_pointers::user_id.eq(user))
@@ -1047,6 +1077,15 @@ macro_rules! impl_sql_store {
                     ))
                     .execute(conn)
                     .await?;
+                    diesel::insert_or_ignore_into(user_read_pointers::table)
+                        .values(&NewReadPointer {
+                            user_id: user,
+                            conversation_id: conversation,
+                            last_read_seq_id: target,
+                            updated_at: now,
+                        })
+                        .execute(conn)
+                        .await?;
                     let pointer: i64 = user_read_pointers::table
                         .filter(user_read_pointers::user_id.eq(user))
                         .filter(user_read_pointers::conversation_id.eq(conversation))
@@ -1055,7 +1094,6 @@ macro_rules! impl_sql_store {
                         .await?;
                     Ok((pointer, last_seq))
                 })
-                .await
                 .map_err(Into::into)
             }
         }

@@ -15,8 +15,9 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures::FutureExt;
 use tokio::sync::{Mutex, MutexGuard};
 
-use super::sql::impl_sql_store;
+use super::sql::{Prepared, TxError, impl_sql_store};
 use super::{StoreError, StoreResult};
+use crate::model::SaveOutcome;
 
 /// The SQLite migrations, embedded in the binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations/sqlite");
@@ -101,6 +102,18 @@ impl SqliteStore {
         Ok(self.inner.writer.lock().await)
     }
 
+    /// One attempt at storing a batch: the whole transaction runs in one blocking call on the
+    /// writer's sync connection (one thread hop per batch instead of one per statement).
+    async fn save_once(&self, prepared: &Prepared) -> Result<Vec<SaveOutcome>, TxError> {
+        let prepared = prepared.clone();
+        let mut conn = self.inner.writer.lock().await;
+        conn.spawn_blocking(
+            move |c| Ok(c.transaction::<_, TxError, _>(|c| save_sync(c, &prepared))),
+        )
+        .await
+        .map_err(TxError::Diesel)?
+    }
+
     async fn reader(&self) -> StoreResult<Object<Conn>> {
         self.inner
             .readers
@@ -109,6 +122,73 @@ impl SqliteStore {
             .map_err(|e| StoreError::Unavailable(format!("sqlite reader pool: {e}")))
     }
 }
+
+/// The SQLite save path, on the sync connection (diesel's sync query methods, not diesel-async's).
+mod sync_save {
+    use diesel::prelude::*;
+
+    use super::super::sql::{
+        INSERT_CHUNK, Prepared, TxError, insert_failure, newest_per_conversation,
+    };
+    use crate::model::{Message, SaveOutcome};
+    use crate::schema::{conversations, messages};
+
+    /// Stores a prepared batch inside an open transaction.
+    pub(super) fn save_sync(
+        c: &mut SqliteConnection,
+        p: &Prepared,
+    ) -> Result<Vec<SaveOutcome>, TxError> {
+        // Same statement order as MySQL's path: lock existing rows, then create missing ones.
+        let ids: Vec<&str> = p.conversations.iter().map(|c| c.id.as_str()).collect();
+        diesel::update(conversations::table.filter(conversations::id.eq_any(&ids)))
+            .set(conversations::updated_at.eq(p.now))
+            .execute(c)?;
+        diesel::insert_or_ignore_into(conversations::table)
+            .values(&p.conversations)
+            .execute(c)?;
+        let mut stored = Vec::new();
+        for chunk in p.ids.chunks(INSERT_CHUNK) {
+            stored.extend(
+                messages::table
+                    .filter(messages::id.eq_any(chunk))
+                    .select(Message::as_select())
+                    .load(c)?,
+            );
+        }
+        for chunk in p.keys.chunks(INSERT_CHUNK) {
+            stored.extend(
+                messages::table
+                    .filter(messages::client_msg_id.eq_any(chunk))
+                    .select(Message::as_select())
+                    .load(c)?,
+            );
+        }
+        let (outcomes, rows) = p.plan(stored);
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            diesel::insert_into(messages::table)
+                .values(chunk)
+                .execute(c)
+                .map_err(|e| insert_failure(e, chunk))?;
+        }
+        for m in newest_per_conversation(&rows) {
+            diesel::update(
+                conversations::table
+                    .filter(conversations::id.eq(&m.conversation_id))
+                    .filter(conversations::last_seq.lt(m.seq_id)),
+            )
+            .set((
+                conversations::last_seq.eq(m.seq_id),
+                conversations::last_message_id.eq(Some(m.id)),
+                conversations::last_message_at.eq(m.created_at),
+                conversations::updated_at.eq(p.now),
+            ))
+            .execute(c)?;
+        }
+        Ok(outcomes)
+    }
+}
+
+use sync_save::save_sync;
 
 /// Applies pending migrations to the file at `path`.
 pub async fn migrate(path: &str) -> StoreResult<()> {

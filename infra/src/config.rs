@@ -1,0 +1,255 @@
+//! gochat's configuration: one typed struct, read from defaults, then an optional TOML file,
+//! then `GOCHAT_`-prefixed environment variables (`__` separates sections:
+//! `GOCHAT_DATABASE__URL=mysql://...` sets `[database] url`). Every field is documented in
+//! `gochat.example.toml`. Unknown fields and wrong types are refused with a message naming them.
+//!
+//! Layering uses figment: it merges sources and reports which source a bad value came from.
+
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where repo keeps its data.
+    pub database: DatabaseConfig,
+    /// Repo's cache.
+    pub cache: CacheConfig,
+    /// The repo service.
+    pub repo: RepoConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` (or a plain path) for the embedded default, `mysql://user:pass@host/db`
+    /// for MySQL/MariaDB. Empty: `<data_dir>/gochat.db`.
+    pub url: String,
+    /// Connections in the pool (SQLite: reader connections; there is always one writer).
+    pub pool_size: usize,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            pool_size: 8,
+        }
+    }
+}
+
+/// Which cache backs repo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheBackend {
+    /// In-process (moka); the embedded default.
+    Memory,
+    /// Redis, shared by every repo instance.
+    Redis,
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// `memory` or `redis`.
+    pub backend: CacheBackend,
+    /// Redis URL, used when `backend = "redis"`.
+    pub redis_url: String,
+    /// Prefix of every key, so several deployments can share one Redis.
+    pub namespace: String,
+    /// Entries the memory backend keeps at most.
+    pub max_entries: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            backend: CacheBackend::Memory,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            namespace: "gochat:".into(),
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+/// `[repo]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RepoConfig {
+    /// gRPC listen address of `gochat repo`.
+    pub listen: String,
+    /// Snowflake node id of this instance (0..=1023), unique among repo instances.
+    pub node_id: u16,
+    /// Largest group.
+    pub max_group_members: i64,
+    /// Argon2id memory cost in KiB.
+    pub argon2_memory_kib: u32,
+    /// Argon2id passes.
+    pub argon2_iterations: u32,
+    /// Seconds a presence entry lasts unless its gateway refreshes it.
+    pub presence_ttl_secs: u64,
+}
+
+impl Default for RepoConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9100".into(),
+            node_id: 0,
+            max_group_members: 100_000,
+            argon2_memory_kib: 19_456,
+            argon2_iterations: 2,
+            presence_ttl_secs: 60,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `gochat_repo=debug,info`, ...); `RUST_LOG` wins when set.
+    pub filter: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// The layered figment: defaults < `file` (if given) < `GOCHAT_*` environment.
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut f = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            f = f.merge(Toml::file_exact(path));
+        }
+        f.merge(Env::prefixed("GOCHAT_").split("__"))
+    }
+
+    /// Reads and checks the configuration.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        if let Some(path) = file
+            && !path.is_file()
+        {
+            return Err(ConfigError(format!(
+                "config file {} not found",
+                path.display()
+            )));
+        }
+        Self::from_figment(&Self::figment(file))
+    }
+
+    /// Extracts and checks a configuration from a figment.
+    pub fn from_figment(figment: &Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.database.pool_size == 0 {
+            return Err(ConfigError("database.pool_size must be at least 1".into()));
+        }
+        if self.repo.node_id > crate::ids::MAX_NODE_ID {
+            return Err(ConfigError(format!(
+                "repo.node_id must be at most {}",
+                crate::ids::MAX_NODE_ID
+            )));
+        }
+        if self.repo.max_group_members < 2 {
+            return Err(ConfigError(
+                "repo.max_group_members must be at least 2".into(),
+            ));
+        }
+        if self.repo.argon2_memory_kib < 8 || self.repo.argon2_iterations == 0 {
+            return Err(ConfigError(
+                "repo.argon2_memory_kib must be >= 8 and repo.argon2_iterations >= 1".into(),
+            ));
+        }
+        if self.cache.backend == CacheBackend::Redis && !self.cache.redis_url.starts_with("redis") {
+            return Err(ConfigError(format!(
+                "cache.redis_url must be a redis:// URL, got {:?}",
+                self.cache.redis_url
+            )));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError(
+                "log.format must be \"text\" or \"json\"".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().expect("defaults validate");
+    }
+
+    #[test]
+    fn the_example_file_documents_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../gochat.example.toml");
+        let from_file: Config = Figment::from(Toml::file_exact(&path))
+            .extract()
+            .expect("example parses");
+        assert_eq!(from_file, Config::default());
+    }
+
+    #[test]
+    fn file_then_environment_override() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "g.toml",
+                "[database]\nurl = \"mysql://a@b/c\"\npool_size = 3\n[cache]\nbackend = \"redis\"\n",
+            )?;
+            jail.set_env("GOCHAT_DATABASE__POOL_SIZE", "5");
+            let c = Config::from_figment(&Config::figment(Some(Path::new("g.toml"))))
+                .map_err(|e| e.to_string())?;
+            assert_eq!(c.database.url, "mysql://a@b/c");
+            assert_eq!(c.database.pool_size, 5);
+            assert_eq!(c.cache.backend, CacheBackend::Redis);
+            assert_eq!(c.repo, RepoConfig::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("g.toml", "[database]\nurll = \"x\"\n")?;
+            let err = Config::from_figment(&Config::figment(Some(Path::new("g.toml"))))
+                .expect_err("unknown field refused");
+            assert!(err.to_string().contains("urll"), "{err}");
+            jail.create_file("h.toml", "[repo]\nnode_id = 5000\n")?;
+            let err = Config::from_figment(&Config::figment(Some(Path::new("h.toml"))))
+                .expect_err("node id refused");
+            assert!(err.to_string().contains("node_id"), "{err}");
+            Ok(())
+        });
+    }
+}
