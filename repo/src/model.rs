@@ -194,3 +194,30 @@ pub struct Presence {
     /// When this entry lapses unless refreshed (Unix ms).
     pub expires_at: i64,
 }
+
+/// A login session (both tokens of one login name it).
+#[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable, Insertable)]
+#[diesel(table_name = schema::auth_sessions)]
+pub struct AuthSession {
+    /// Snowflake id.
+    pub id: i64,
+    /// Whose.
+    pub user_id: i64,
+    /// The current refresh token's id.
+    pub refresh_jti: String,
+    /// 1 after logout.
+    pub revoked: i32,
+    /// End unless refreshed (Unix ms).
+    pub expires_at: i64,
+    /// Login time.
+    pub created_at: i64,
+    /// Last rotation.
+    pub updated_at: i64,
+}
+
+impl AuthSession {
+    /// Not revoked and not expired at `now`.
+    pub fn is_active(&self, now: i64) -> bool {
+        self.revoked == 0 && self.expires_at > now
+    }
+}

@@ -89,3 +89,15 @@ diesel::allow_tables_to_appear_in_same_query!(
     conversations,
     conversation_members,
 );
+
+diesel::table! {
+    auth_sessions (id) {
+        id -> BigInt,
+        user_id -> BigInt,
+        refresh_jti -> Text,
+        revoked -> Integer,
+        expires_at -> BigInt,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}

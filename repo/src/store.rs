@@ -18,8 +18,8 @@ use std::future::Future;
 use gochat_infra::{AppError, ErrorCode};
 
 use crate::model::{
-    Conversation, Direction, Group, GroupMember, Message, SaveOutcome, User, UserChanges,
-    UserConversation,
+    AuthSession, Conversation, Direction, Group, GroupMember, Message, SaveOutcome, User,
+    UserChanges, UserConversation,
 };
 
 /// Why a store call failed.
@@ -100,6 +100,25 @@ pub trait Store: Send + Sync + 'static {
         changes: &UserChanges,
         now: i64,
     ) -> impl Future<Output = StoreResult<Option<User>>> + Send;
+
+    /// Inserts a login session.
+    fn create_session(&self, session: &AuthSession)
+    -> impl Future<Output = StoreResult<()>> + Send;
+    /// Replaces the refresh token id of an active session if `old_jti` is the current one;
+    /// returns the session after a rotation, `None` when nothing was rotated.
+    fn rotate_session(
+        &self,
+        id: i64,
+        old_jti: &str,
+        new_jti: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> impl Future<Output = StoreResult<Option<AuthSession>>> + Send;
+    /// Revokes a session; returns whether it was active.
+    fn revoke_session(&self, id: i64, now: i64) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// A session by id.
+    fn get_session(&self, id: i64)
+    -> impl Future<Output = StoreResult<Option<AuthSession>>> + Send;
 
     /// Stores messages in one transaction, keeping each conversation's last seq and last message.
     /// A message whose id or (sender_id, client_msg_id) is stored already is not stored again:
@@ -274,6 +293,25 @@ impl Store for AnyStore {
     }
     async fn update_user(&self, id: i64, c: &UserChanges, now: i64) -> StoreResult<Option<User>> {
         delegate!(self, s => s.update_user(id, c, now))
+    }
+    async fn create_session(&self, session: &AuthSession) -> StoreResult<()> {
+        delegate!(self, s => s.create_session(session))
+    }
+    async fn rotate_session(
+        &self,
+        id: i64,
+        old_jti: &str,
+        new_jti: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> StoreResult<Option<AuthSession>> {
+        delegate!(self, s => s.rotate_session(id, old_jti, new_jti, expires_at, now))
+    }
+    async fn revoke_session(&self, id: i64, now: i64) -> StoreResult<bool> {
+        delegate!(self, s => s.revoke_session(id, now))
+    }
+    async fn get_session(&self, id: i64) -> StoreResult<Option<AuthSession>> {
+        delegate!(self, s => s.get_session(id))
     }
     async fn save_messages(&self, messages: &[Message]) -> StoreResult<Vec<SaveOutcome>> {
         delegate!(self, s => s.save_messages(messages))

@@ -334,7 +334,7 @@ async fn duplicates_by_id_and_client_msg_id(s: AnyStore) {
 
     // The very same message again.
     let out = s
-        .save_messages(&[original.clone()])
+        .save_messages(std::slice::from_ref(&original))
         .await
         .expect("save again");
     assert_eq!(

@@ -162,6 +162,17 @@ impl<S: Store, C: Cache> Repo<S, C> {
                         .await,
                     "hot_messages",
                 );
+                // A save that committed after our read may have deleted the page before we set
+                // it: check the conversation's last seq now, and drop a page that is behind.
+                let newest = rows.last().map_or(0, |m| m.seq_id);
+                let last = self
+                    .store()
+                    .get_conversation(conv)
+                    .await?
+                    .map_or(0, |c| c.last_seq);
+                if last > newest {
+                    cache_write(self.cache().hot_del(conv).await, "hot_messages");
+                }
                 rows
             }
         };

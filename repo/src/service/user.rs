@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Repo, cache_read, cache_write, id_field, id_list, pb_user, status, user_not_found};
 use crate::cache::Cache;
-use crate::model::{User, UserChanges};
+use crate::model::{AuthSession, User, UserChanges};
 use crate::store::{Store, StoreError};
 
 /// The most users one `GetUsers` call may ask for.
@@ -119,6 +119,13 @@ impl<S: Store, C: Cache> Repo<S, C> {
 /// A hash to verify against when the username is unknown, so that the answer takes as long as
 /// for a known user (no username probing by timing).
 static DUMMY_HASH: OnceLock<String> = OnceLock::new();
+
+fn validate_jti(jti: &str) -> Result<(), AppError> {
+    if jti.is_empty() || jti.len() > 64 {
+        return Err(AppError::invalid("refresh token id must be 1 to 64 bytes"));
+    }
+    Ok(())
+}
 
 fn validate_username(username: &str) -> Result<(), AppError> {
     let n = username.chars().count();
@@ -258,6 +265,86 @@ impl<S: Store, C: Cache> UserService for Repo<S, C> {
         cache_write(self.cache().del_user(id).await, "user_info");
         Ok(Response::new(pb::UpdateUserResponse {
             user: Some(pb_user(&user)),
+        }))
+    }
+
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let r = request.into_inner();
+        let user = id_field("user_id", &r.user_id)?;
+        validate_jti(&r.refresh_jti)?;
+        let now = now_ms();
+        let session = AuthSession {
+            id: self.inner.ids.next_id(),
+            user_id: user,
+            refresh_jti: r.refresh_jti,
+            revoked: 0,
+            expires_at: r.expires_at,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store()
+            .create_session(&session)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CreateSessionResponse {
+            session_id: session.id.to_string(),
+        }))
+    }
+
+    async fn rotate_session(
+        &self,
+        request: Request<pb::RotateSessionRequest>,
+    ) -> Result<Response<pb::RotateSessionResponse>, Status> {
+        let r = request.into_inner();
+        let id = id_field("session_id", &r.session_id)?;
+        validate_jti(&r.old_refresh_jti)?;
+        validate_jti(&r.new_refresh_jti)?;
+        let rotated = self
+            .store()
+            .rotate_session(
+                id,
+                &r.old_refresh_jti,
+                &r.new_refresh_jti,
+                r.expires_at,
+                now_ms(),
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RotateSessionResponse {
+            rotated: rotated.is_some(),
+            user_id: rotated.map(|s| s.user_id.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn revoke_session(
+        &self,
+        request: Request<pb::RevokeSessionRequest>,
+    ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
+        let id = id_field("session_id", &request.get_ref().session_id)?;
+        let revoked = self
+            .store()
+            .revoke_session(id, now_ms())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RevokeSessionResponse { revoked }))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::GetSessionResponse>, Status> {
+        let id = id_field("session_id", &request.get_ref().session_id)?;
+        let session = self.store().get_session(id).await.map_err(status)?;
+        Ok(Response::new(match session {
+            Some(s) => pb::GetSessionResponse {
+                active: s.is_active(now_ms()),
+                user_id: s.user_id.to_string(),
+                expires_at: s.expires_at,
+            },
+            None => pb::GetSessionResponse::default(),
         }))
     }
 

@@ -451,6 +451,91 @@ macro_rules! impl_sql_store {
                     .map_err($crate::store::sql::classify)
             }
 
+            async fn create_session(
+                &self,
+                session: &$crate::model::AuthSession,
+            ) -> $crate::store::StoreResult<()> {
+                use $crate::schema::auth_sessions;
+                let mut conn = self.writer().await?;
+                diesel::insert_into(auth_sessions::table)
+                    .values(session)
+                    .execute(&mut *conn)
+                    .await
+                    .map(|_| ())
+                    .map_err($crate::store::sql::classify)
+            }
+
+            async fn rotate_session(
+                &self,
+                id: i64,
+                old_jti: &str,
+                new_jti: &str,
+                expires_at: i64,
+                now: i64,
+            ) -> $crate::store::StoreResult<Option<$crate::model::AuthSession>> {
+                use $crate::schema::auth_sessions;
+                let mut conn = self.writer().await?;
+                // Compare-and-set: of two refreshes with the same token, one wins.
+                let n = diesel::update(
+                    auth_sessions::table
+                        .filter(auth_sessions::id.eq(id))
+                        .filter(auth_sessions::refresh_jti.eq(old_jti))
+                        .filter(auth_sessions::revoked.eq(0))
+                        .filter(auth_sessions::expires_at.gt(now)),
+                )
+                .set((
+                    auth_sessions::refresh_jti.eq(new_jti),
+                    auth_sessions::expires_at.eq(expires_at),
+                    auth_sessions::updated_at.eq(now),
+                ))
+                .execute(&mut *conn)
+                .await
+                .map_err($crate::store::sql::classify)?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                auth_sessions::table
+                    .find(id)
+                    .select($crate::model::AuthSession::as_select())
+                    .first(&mut *conn)
+                    .await
+                    .optional()
+                    .map_err($crate::store::sql::classify)
+            }
+
+            async fn revoke_session(&self, id: i64, now: i64) -> $crate::store::StoreResult<bool> {
+                use $crate::schema::auth_sessions;
+                let mut conn = self.writer().await?;
+                let n = diesel::update(
+                    auth_sessions::table
+                        .filter(auth_sessions::id.eq(id))
+                        .filter(auth_sessions::revoked.eq(0)),
+                )
+                .set((
+                    auth_sessions::revoked.eq(1),
+                    auth_sessions::updated_at.eq(now),
+                ))
+                .execute(&mut *conn)
+                .await
+                .map_err($crate::store::sql::classify)?;
+                Ok(n > 0)
+            }
+
+            async fn get_session(
+                &self,
+                id: i64,
+            ) -> $crate::store::StoreResult<Option<$crate::model::AuthSession>> {
+                use $crate::schema::auth_sessions;
+                let mut conn = self.reader().await?;
+                auth_sessions::table
+                    .find(id)
+                    .select($crate::model::AuthSession::as_select())
+                    .first(&mut *conn)
+                    .await
+                    .optional()
+                    .map_err($crate::store::sql::classify)
+            }
+
             async fn save_messages(
                 &self,
                 batch: &[$crate::model::Message],

@@ -1,0 +1,662 @@
+//! Conversation actors: one actix actor per active conversation, spread over a fixed set of
+//! arbiters (one per core) by a hash of the conversation id.
+//!
+//! An actor's mailbox is the serialization point of its conversation. Each message it receives
+//! is queued; while no batch is in flight, it takes everything queued (up to `max_batch`) and
+//! runs the batch: membership, dedup by (sender, client_msg_id), seq reservation, one
+//! multi-row save, read pointers of the senders, acks, delivery. Messages arriving meanwhile
+//! wait for the next batch, so a busy conversation stores in large batches and an idle one with
+//! no delay.
+//!
+//! Seqs are reserved exactly for what a batch stores. If storing fails for good, the reserved
+//! seqs are kept and reused by the next batch, so no gap appears while the actor lives. An actor
+//! idle for `idle_timeout` stops; the next message starts a new one, which reserves from
+//! storage (repo's counter) and so continues the conversation's seq.
+//!
+//! Mailboxes are bounded (`mailbox_capacity`): the upstream consumer waits when one is full, so
+//! a hot conversation slows its own partition down rather than growing memory.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use dashmap::DashMap;
+use gochat_infra::ids::ConversationKind;
+use gochat_infra::mq::Bus;
+use gochat_infra::time::now_ms;
+use gochat_infra::wire::{DownstreamKind, DownstreamMessage, HEADER_SESSION, UpstreamMessage};
+use gochat_infra::{AppError, ErrorCode};
+use gochat_proto::repo as rpb;
+use tokio::sync::oneshot;
+use tonic::Request;
+
+use crate::{Core, RepoApi, repo_err};
+
+/// One upstream message for a conversation actor; `done` fires once it is handled (stored and
+/// acknowledged, or refused with an error frame).
+#[derive(Debug)]
+pub struct Incoming {
+    /// The message.
+    pub message: UpstreamMessage,
+    /// Completion signal for the upstream consumer (it commits after this).
+    pub done: oneshot::Sender<()>,
+}
+
+impl Message for Incoming {
+    type Result = ();
+}
+
+/// The live Conversation actors of one logic instance.
+pub struct Directory<R: RepoApi, B: Bus> {
+    actors: DashMap<String, Addr<ConversationActor<R, B>>>,
+    arbiters: Vec<ArbiterHandle>,
+    /// Kept so the arbiters live as long as the directory.
+    _owned: Vec<Arbiter>,
+    core: Weak<Core<R, B>>,
+}
+
+impl<R: RepoApi, B: Bus> std::fmt::Debug for Directory<R, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Directory")
+            .field("actors", &self.actors.len())
+            .finish()
+    }
+}
+
+impl<R: RepoApi, B: Bus> Drop for Directory<R, B> {
+    fn drop(&mut self) {
+        for a in &self._owned {
+            a.stop();
+        }
+    }
+}
+
+fn shard(id: &str, n: usize) -> usize {
+    let h = gochat_infra::mq::partition_for(id, u32::try_from(n).unwrap_or(u32::MAX));
+    usize::try_from(h).unwrap_or(0)
+}
+
+impl<R: RepoApi, B: Bus> Directory<R, B> {
+    pub(crate) fn new(arbiters: usize, core: Weak<Core<R, B>>) -> Self {
+        let owned: Vec<Arbiter> = (0..arbiters).map(|_| Arbiter::new()).collect();
+        Self {
+            arbiters: owned.iter().map(Arbiter::handle).collect(),
+            _owned: owned,
+            actors: DashMap::new(),
+            core,
+        }
+    }
+
+    /// Live actors.
+    pub fn len(&self) -> usize {
+        self.actors.len()
+    }
+
+    /// Whether no actor is live.
+    pub fn is_empty(&self) -> bool {
+        self.actors.is_empty()
+    }
+
+    fn get_or_start(
+        &self,
+        conv: &str,
+        core: &Arc<Core<R, B>>,
+    ) -> Option<Addr<ConversationActor<R, B>>> {
+        if let Some(a) = self.actors.get(conv)
+            && a.connected()
+        {
+            return Some(a.clone());
+        }
+        let kind = ConversationKind::parse(conv)?;
+        let arbiter = &self.arbiters[shard(conv, self.arbiters.len())];
+        let entry = self
+            .actors
+            .entry(conv.to_owned())
+            .or_insert_with(|| start_actor(arbiter, conv.to_owned(), kind, core.clone()));
+        if entry.connected() {
+            return Some(entry.clone());
+        }
+        let fresh = start_actor(arbiter, conv.to_owned(), kind, core.clone());
+        drop(entry);
+        self.actors.insert(conv.to_owned(), fresh.clone());
+        Some(fresh)
+    }
+
+    /// Hands a message to its conversation's actor and waits until it is handled. A message
+    /// for an actor that stopped meanwhile goes to a fresh one.
+    pub async fn route(&self, message: UpstreamMessage) -> Result<(), AppError> {
+        let core = self
+            .core
+            .upgrade()
+            .ok_or_else(|| AppError::new(ErrorCode::Unavailable, "logic is shutting down"))?;
+        for _ in 0..3 {
+            let Some(addr) = self.get_or_start(&message.conversation_id, &core) else {
+                return Err(AppError::invalid(format!(
+                    "invalid conversation_id {:?}",
+                    message.conversation_id
+                )));
+            };
+            let (done, wait) = oneshot::channel();
+            match addr
+                .send(Incoming {
+                    message: message.clone(),
+                    done,
+                })
+                .await
+            {
+                Ok(()) => {
+                    // The actor drops `done` only if it stops with the message unprocessed.
+                    if wait.await.is_ok() {
+                        return Ok(());
+                    }
+                }
+                Err(_) => {
+                    self.actors
+                        .remove_if(&message.conversation_id, |_, a| a == &addr);
+                }
+            }
+        }
+        Err(AppError::new(
+            ErrorCode::Unavailable,
+            "conversation actor unavailable",
+        ))
+    }
+
+    fn forget(&self, conv: &str, addr: &Addr<ConversationActor<R, B>>) {
+        self.actors.remove_if(conv, |_, a| a == addr);
+    }
+}
+
+fn start_actor<R: RepoApi, B: Bus>(
+    arbiter: &ArbiterHandle,
+    id: String,
+    kind: ConversationKind,
+    core: Arc<Core<R, B>>,
+) -> Addr<ConversationActor<R, B>> {
+    let capacity = core.settings.mailbox_capacity;
+    ConversationActor::start_in_arbiter(arbiter, move |ctx| {
+        ctx.set_mailbox_capacity(capacity);
+        ConversationActor {
+            id,
+            kind,
+            core,
+            queued: Vec::new(),
+            busy: false,
+            last_active: Instant::now(),
+            spare: Vec::new(),
+        }
+    })
+}
+
+/// The actor owning one conversation.
+pub struct ConversationActor<R: RepoApi, B: Bus> {
+    /// The conversation.
+    id: String,
+    /// What it is.
+    kind: ConversationKind,
+    core: Arc<Core<R, B>>,
+    /// Messages waiting for the next batch.
+    queued: Vec<Incoming>,
+    /// A batch is in flight.
+    busy: bool,
+    /// Last time a batch finished.
+    last_active: Instant,
+    /// Seqs reserved by a batch that could not store; used first by the next batch.
+    spare: Vec<i64>,
+}
+
+impl<R: RepoApi, B: Bus> std::fmt::Debug for ConversationActor<R, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConversationActor")
+            .field("id", &self.id)
+            .field("queued", &self.queued.len())
+            .field("busy", &self.busy)
+            .finish()
+    }
+}
+
+impl<R: RepoApi, B: Bus> Actor for ConversationActor<R, B> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let check = (self.core.settings.idle_timeout / 4).max(Duration::from_millis(100));
+        ctx.run_interval(check, |act, ctx| {
+            if !act.busy
+                && act.queued.is_empty()
+                && act.last_active.elapsed() >= act.core.settings.idle_timeout
+            {
+                act.core.directory.forget(&act.id, &ctx.address());
+                ctx.stop();
+            }
+        });
+    }
+}
+
+impl<R: RepoApi, B: Bus> Handler<Incoming> for ConversationActor<R, B> {
+    type Result = ();
+
+    fn handle(&mut self, msg: Incoming, ctx: &mut Self::Context) {
+        self.queued.push(msg);
+        if !self.busy {
+            self.run_batch(ctx);
+        }
+    }
+}
+
+impl<R: RepoApi, B: Bus> ConversationActor<R, B> {
+    fn run_batch(&mut self, ctx: &mut Context<Self>) {
+        let take = self.queued.len().min(self.core.settings.max_batch.max(1));
+        if take == 0 {
+            return;
+        }
+        let batch: Vec<Incoming> = self.queued.drain(..take).collect();
+        self.busy = true;
+        let core = self.core.clone();
+        let conv = self.id.clone();
+        let kind = self.kind;
+        let spare = std::mem::take(&mut self.spare);
+        let fut = async move {
+            let (messages, done): (Vec<UpstreamMessage>, Vec<oneshot::Sender<()>>) =
+                batch.into_iter().map(|i| (i.message, i.done)).unzip();
+            let spare = process(&core, &conv, kind, messages, spare).await;
+            for d in done {
+                let _ = d.send(());
+            }
+            spare
+        };
+        ctx.spawn(fut.into_actor(self).map(|spare, act, ctx| {
+            act.spare = spare;
+            act.busy = false;
+            act.last_active = Instant::now();
+            if !act.queued.is_empty() {
+                act.run_batch(ctx);
+            }
+        }));
+    }
+}
+
+/// A message of the batch on its way to storage.
+struct Pending {
+    up: UpstreamMessage,
+    sender: String,
+    session: String,
+}
+
+/// Handles one batch; returns the seqs left unused (to reuse next time).
+async fn process<R: RepoApi, B: Bus>(
+    core: &Core<R, B>,
+    conv: &str,
+    kind: ConversationKind,
+    messages: Vec<UpstreamMessage>,
+    mut spare: Vec<i64>,
+) -> Vec<i64> {
+    // 1. Validate, and check membership once per sender.
+    let mut valid = Vec::with_capacity(messages.len());
+    let mut membership: HashMap<String, Result<i64, AppError>> = HashMap::new();
+    for up in messages {
+        let session = up.headers.get(HEADER_SESSION).cloned().unwrap_or_default();
+        if let Err(e) = validate(core, &up) {
+            core.send_error(
+                &up.gateway_id,
+                &session,
+                &up.trace_id,
+                conv,
+                &up.client_msg_id,
+                &e,
+            )
+            .await;
+            continue;
+        }
+        let sender = up.user_id.clone();
+        if !membership.contains_key(&sender) {
+            let m = core.check_member(&sender, conv).await;
+            membership.insert(sender.clone(), m);
+        }
+        match membership.get(&sender) {
+            Some(Ok(_)) => valid.push(Pending {
+                up,
+                sender,
+                session,
+            }),
+            Some(Err(e)) => {
+                core.send_error(
+                    &up.gateway_id,
+                    &session,
+                    &up.trace_id,
+                    conv,
+                    &up.client_msg_id,
+                    e,
+                )
+                .await;
+            }
+            None => {}
+        }
+    }
+    let member_count = membership
+        .values()
+        .find_map(|m| m.as_ref().ok().copied())
+        .unwrap_or(0);
+
+    // 2. Dedup: a key stored before gets its original ack; a key seen earlier in this batch
+    //    gets the ack of that earlier message.
+    let mut fresh: Vec<Pending> = Vec::with_capacity(valid.len());
+    let mut repeats: Vec<(Pending, usize)> = Vec::new();
+    let mut originals: Vec<(Pending, rpb::CheckMessageIdempotencyResponse)> = Vec::new();
+    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    for p in valid {
+        let key = (p.sender.clone(), p.up.client_msg_id.clone());
+        if let Some(&i) = seen.get(&key) {
+            repeats.push((p, i));
+            continue;
+        }
+        match core
+            .repo
+            .check_message_idempotency(Request::new(rpb::CheckMessageIdempotencyRequest {
+                sender_id: p.sender.clone(),
+                client_msg_id: p.up.client_msg_id.clone(),
+            }))
+            .await
+        {
+            Ok(r) if r.get_ref().exists => originals.push((p, r.into_inner())),
+            Ok(_) => {
+                seen.insert(key, fresh.len());
+                fresh.push(p);
+            }
+            Err(status) => {
+                let e = repo_err(status);
+                core.send_error(
+                    &p.up.gateway_id,
+                    &p.session,
+                    &p.up.trace_id,
+                    conv,
+                    &p.up.client_msg_id,
+                    &e,
+                )
+                .await;
+            }
+        }
+    }
+    for (p, original) in &originals {
+        core.ack(p, &original.message_id, original.seq_id, conv)
+            .await;
+    }
+
+    // 3. Seqs, ids, storage.
+    let stored = match store(core, conv, &fresh, &mut spare).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            tracing::error!(cause = %e, conv, "storing a batch failed; senders told to retry");
+            for p in fresh.iter().chain(repeats.iter().map(|(p, _)| p)) {
+                core.send_error(
+                    &p.up.gateway_id,
+                    &p.session,
+                    &p.up.trace_id,
+                    conv,
+                    &p.up.client_msg_id,
+                    &e,
+                )
+                .await;
+            }
+            return spare;
+        }
+    };
+
+    // 4. Senders have read what they sent.
+    let mut read_to: HashMap<&str, i64> = HashMap::new();
+    for (p, m) in fresh.iter().zip(&stored) {
+        let e = read_to.entry(p.sender.as_str()).or_default();
+        *e = (*e).max(m.seq_id);
+    }
+    for (user, seq) in read_to {
+        if let Err(status) = core
+            .repo
+            .update_read_pointer(Request::new(rpb::UpdateReadPointerRequest {
+                user_id: user.to_owned(),
+                conversation_id: conv.to_owned(),
+                seq_id: seq,
+            }))
+            .await
+        {
+            tracing::warn!(cause = %status, conv, "could not advance the sender's read pointer");
+        }
+    }
+
+    // 5. Acks (only after storage), then delivery of what is new.
+    let mut deliveries = Vec::with_capacity(stored.len());
+    for (p, m) in fresh.iter().zip(&stored) {
+        core.ack(p, &m.id, m.seq_id, conv).await;
+        if m.duplicate {
+            continue;
+        }
+        deliveries.push(DownstreamMessage {
+            trace_id: p.up.trace_id.clone(),
+            message_id: m.id.clone(),
+            conversation_id: conv.to_owned(),
+            sender_id: p.sender.clone(),
+            message_type: m.message_type,
+            content: m.content.clone(),
+            seq_id: m.seq_id,
+            timestamp: m.created_at,
+            exclude_session: p.session.clone(),
+            kind: DownstreamKind::NewMessage,
+            ..Default::default()
+        });
+    }
+    for (p, i) in &repeats {
+        if let Some(m) = stored.get(*i) {
+            core.ack(p, &m.id, m.seq_id, conv).await;
+        }
+    }
+    if let Err(e) = core.deliver(kind, member_count, &deliveries).await {
+        // Stored and acknowledged: recipients will find the messages by seq when they pull.
+        tracing::error!(cause = %e, conv, "delivery failed after storage");
+    }
+    spare
+}
+
+/// What was stored for one fresh message.
+struct Stored {
+    id: String,
+    seq_id: i64,
+    message_type: i32,
+    content: String,
+    created_at: i64,
+    duplicate: bool,
+}
+
+/// Reserves seqs (spare ones first), builds the rows and saves them, retrying transient
+/// failures with the spec's backoff and a seq conflict with fresh seqs.
+async fn store<R: RepoApi, B: Bus>(
+    core: &Core<R, B>,
+    conv: &str,
+    fresh: &[Pending],
+    spare: &mut Vec<i64>,
+) -> Result<Vec<Stored>, AppError> {
+    if fresh.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = now_ms();
+    let ids: Vec<i64> = fresh.iter().map(|_| core.ids.next_id()).collect();
+    let mut delay = Duration::from_millis(100);
+    let mut last_err = AppError::internal("not attempted");
+    for attempt in 0..4 {
+        if attempt > 0 {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        let seqs = match take_seqs(core, conv, fresh.len(), spare).await {
+            Ok(s) => s,
+            Err(e) => {
+                last_err = e;
+                continue;
+            }
+        };
+        let request = rpb::SaveMessagesRequest {
+            messages: fresh
+                .iter()
+                .zip(&seqs)
+                .zip(&ids)
+                .map(|((p, seq), id)| rpb::SaveMessageRequest {
+                    message_id: id.to_string(),
+                    conversation_id: conv.to_owned(),
+                    sender_id: p.sender.clone(),
+                    message_type: p.up.message_type,
+                    content: p.up.content.clone(),
+                    seq_id: *seq,
+                    client_msg_id: p.up.client_msg_id.clone(),
+                    created_at: now,
+                })
+                .collect(),
+        };
+        match core.repo.save_messages(Request::new(request)).await {
+            Ok(r) => {
+                let results = r.into_inner().results;
+                let used: HashSet<i64> = results
+                    .iter()
+                    .filter(|r| !r.duplicate)
+                    .filter_map(|r| r.message.as_ref().map(|m| m.seq_id))
+                    .collect();
+                // Seqs of messages that turned out to be duplicates were not used: keep them.
+                spare.extend(seqs.iter().filter(|s| !used.contains(s)));
+                spare.sort_unstable();
+                return Ok(results
+                    .into_iter()
+                    .map(|r| {
+                        let m = r.message.unwrap_or_default();
+                        Stored {
+                            id: m.id,
+                            seq_id: m.seq_id,
+                            message_type: m.message_type,
+                            content: m.content,
+                            created_at: m.created_at,
+                            duplicate: r.duplicate,
+                        }
+                    })
+                    .collect());
+            }
+            Err(status) => {
+                let e = repo_err(status);
+                if e.code == ErrorCode::SeqConflict {
+                    // Another owner (a rebalance) or a stale counter: those seqs are taken.
+                    spare.clear();
+                } else {
+                    spare.extend(seqs);
+                    spare.sort_unstable();
+                }
+                if matches!(
+                    e.code,
+                    ErrorCode::InvalidParameter | ErrorCode::InvalidMessage
+                ) {
+                    return Err(e);
+                }
+                last_err = e;
+            }
+        }
+    }
+    Err(last_err)
+}
+
+async fn take_seqs<R: RepoApi, B: Bus>(
+    core: &Core<R, B>,
+    conv: &str,
+    n: usize,
+    spare: &mut Vec<i64>,
+) -> Result<Vec<i64>, AppError> {
+    let from_spare = n.min(spare.len());
+    let mut seqs: Vec<i64> = spare.drain(..from_spare).collect();
+    let need = n - from_spare;
+    if need > 0 {
+        let r = core
+            .repo
+            .generate_seq_id(Request::new(rpb::GenerateSeqIdRequest {
+                conversation_id: conv.to_owned(),
+                count: i64::try_from(need).unwrap_or(i64::MAX),
+            }))
+            .await;
+        match r {
+            Ok(r) => {
+                let r = r.into_inner();
+                seqs.extend(r.seq_id..=r.end_seq_id);
+            }
+            Err(status) => {
+                spare.extend(seqs);
+                spare.sort_unstable();
+                return Err(repo_err(status));
+            }
+        }
+    }
+    Ok(seqs)
+}
+
+fn validate<R: RepoApi, B: Bus>(core: &Core<R, B>, up: &UpstreamMessage) -> Result<(), AppError> {
+    if !(1..=4).contains(&up.message_type) {
+        return Err(AppError::new(
+            ErrorCode::InvalidMessage,
+            "message_type must be 1..=4",
+        ));
+    }
+    let chars = up.content.chars().count();
+    if chars == 0 || chars > core.settings.max_content_chars {
+        return Err(AppError::new(
+            ErrorCode::InvalidMessage,
+            format!(
+                "content must be 1 to {} characters",
+                core.settings.max_content_chars
+            ),
+        ));
+    }
+    if up.client_msg_id.is_empty() || up.client_msg_id.len() > 64 {
+        return Err(AppError::invalid("client_msg_id must be 1 to 64 bytes"));
+    }
+    if gochat_infra::ids::parse_id(&up.user_id).is_none() {
+        return Err(AppError::invalid("invalid sender"));
+    }
+    Ok(())
+}
+
+impl<R: RepoApi, B: Bus> Core<R, B> {
+    /// Membership of a sender; Ok(member count) or the error to send back.
+    async fn check_member(&self, user: &str, conv: &str) -> Result<i64, AppError> {
+        let r = self
+            .repo
+            .check_membership(Request::new(rpb::CheckMembershipRequest {
+                user_id: user.to_owned(),
+                conversation_id: conv.to_owned(),
+            }))
+            .await
+            .map_err(repo_err)?
+            .into_inner();
+        if r.is_member {
+            return Ok(i64::from(r.member_count));
+        }
+        Err(match ConversationKind::parse(conv) {
+            Some(ConversationKind::Group(_)) => AppError::new(
+                ErrorCode::NotGroupMember,
+                "you are not a member of this group",
+            ),
+            _ => AppError::new(
+                ErrorCode::Forbidden,
+                "you are not part of this conversation",
+            ),
+        })
+    }
+
+    async fn ack(&self, p: &Pending, message_id: &str, seq_id: i64, conv: &str) {
+        let record = DownstreamMessage {
+            trace_id: p.up.trace_id.clone(),
+            message_id: message_id.to_owned(),
+            conversation_id: conv.to_owned(),
+            sender_id: p.sender.clone(),
+            seq_id,
+            timestamp: now_ms(),
+            kind: DownstreamKind::MessageAck,
+            target_session: p.session.clone(),
+            client_msg_id: p.up.client_msg_id.clone(),
+            ..Default::default()
+        };
+        if let Err(e) = self.publish(&p.up.gateway_id, &record).await {
+            tracing::warn!(cause = %e, conv, "could not send an ack");
+        }
+    }
+}

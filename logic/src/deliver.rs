@@ -1,0 +1,222 @@
+//! Delivery: acks to senders, new messages to recipients, and the distribution policy (spec
+//! §2.3 `ShouldDistributeAsync`): single chats and groups up to the threshold (500 members) are
+//! delivered here, one downstream record per gateway per message with every online recipient
+//! on that gateway in `targets`; bigger groups and the world room become a `fanout` task.
+//!
+//! Every downstream record is keyed by conversation id, so a gateway receives one
+//! conversation's records in seq order.
+
+use std::collections::{BTreeMap, HashMap};
+
+use gochat_infra::ids::ConversationKind;
+use gochat_infra::mq::Bus;
+use gochat_infra::time::now_ms;
+use gochat_infra::wire::{
+    DownstreamKind, DownstreamMessage, FanoutTaskData, TASK_TOPIC, TaskMessage, TaskType,
+    downstream_topic,
+};
+use gochat_infra::{AppError, ErrorCode};
+use gochat_proto::repo as rpb;
+use tonic::Request;
+
+use crate::{Core, RepoApi, repo_err};
+
+/// Whether a conversation's messages go through the task service (spec `ShouldDistributeAsync`,
+/// extended to the world room, whose members are every online user).
+pub fn should_distribute_async(kind: ConversationKind, member_count: i64, threshold: i64) -> bool {
+    match kind {
+        ConversationKind::World => true,
+        ConversationKind::Group(_) => member_count > threshold,
+        ConversationKind::Single(..) => false,
+    }
+}
+
+impl<R: RepoApi, B: Bus> Core<R, B> {
+    /// Publishes one downstream record.
+    pub(crate) async fn publish(
+        &self,
+        gateway: &str,
+        record: &DownstreamMessage,
+    ) -> Result<(), AppError> {
+        let payload =
+            serde_json::to_vec(record).map_err(|e| AppError::internal(format!("encoding: {e}")))?;
+        let mut headers = BTreeMap::new();
+        headers.insert("trace_id".to_owned(), record.trace_id.clone());
+        self.bus
+            .send(
+                &downstream_topic(gateway),
+                &record.conversation_id,
+                payload,
+                headers,
+            )
+            .await
+            .map_err(|e| AppError::new(ErrorCode::Unavailable, format!("bus: {e}")))
+    }
+
+    /// Tells one session its message was refused.
+    pub(crate) async fn send_error(
+        &self,
+        gateway: &str,
+        session: &str,
+        trace_id: &str,
+        conversation: &str,
+        client_msg_id: &str,
+        err: &AppError,
+    ) {
+        let record = DownstreamMessage {
+            trace_id: trace_id.to_owned(),
+            conversation_id: conversation.to_owned(),
+            kind: DownstreamKind::Error,
+            target_session: session.to_owned(),
+            client_msg_id: client_msg_id.to_owned(),
+            error_code: err.code.as_u16(),
+            error_message: err.message.clone(),
+            timestamp: now_ms(),
+            ..Default::default()
+        };
+        if let Err(e) = self.publish(gateway, &record).await {
+            tracing::warn!(cause = %e, %trace_id, "could not send an error frame");
+        }
+    }
+
+    /// The online gateways of `users`: gateway -> users on it.
+    pub(crate) async fn locate(
+        &self,
+        users: Vec<String>,
+    ) -> Result<HashMap<String, Vec<String>>, AppError> {
+        let mut by_gateway: HashMap<String, Vec<String>> = HashMap::new();
+        if users.is_empty() {
+            return Ok(by_gateway);
+        }
+        let statuses = self
+            .repo
+            .get_users_online_status(Request::new(rpb::GetUsersOnlineStatusRequest {
+                user_ids: users,
+            }))
+            .await
+            .map_err(repo_err)?
+            .into_inner()
+            .statuses;
+        for s in statuses.into_iter().filter(|s| s.is_online) {
+            for gw in &s.gateway_ids {
+                by_gateway
+                    .entry(gw.clone())
+                    .or_default()
+                    .push(s.user_id.clone());
+            }
+        }
+        Ok(by_gateway)
+    }
+
+    /// Every member of a single chat or a (small) group.
+    pub(crate) async fn members(&self, conv: &str) -> Result<Vec<String>, AppError> {
+        let mut out = Vec::new();
+        let mut offset = 0;
+        loop {
+            let page = self
+                .repo
+                .get_conversation_members(Request::new(rpb::GetConversationMembersRequest {
+                    conversation_id: conv.to_owned(),
+                    offset,
+                    limit: 1000,
+                }))
+                .await
+                .map_err(repo_err)?
+                .into_inner();
+            offset += i32::try_from(page.user_ids.len()).unwrap_or(i32::MAX);
+            out.extend(page.user_ids);
+            if !page.has_more {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Delivers stored messages of one conversation (in seq order) to its members, directly or
+    /// through the task service.
+    pub(crate) async fn deliver(
+        &self,
+        kind: ConversationKind,
+        member_count: i64,
+        messages: &[DownstreamMessage],
+    ) -> Result<(), AppError> {
+        let Some(first) = messages.first() else {
+            return Ok(());
+        };
+        if should_distribute_async(kind, member_count, self.settings.async_fanout_threshold) {
+            for m in messages {
+                self.submit_fanout(kind, m).await?;
+            }
+            return Ok(());
+        }
+        let members = self.members(&first.conversation_id).await?;
+        let located = self.locate(members).await?;
+        for m in messages {
+            for (gateway, users) in &located {
+                let record = DownstreamMessage {
+                    targets: users.clone(),
+                    ..m.clone()
+                };
+                self.publish(gateway, &record).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn submit_fanout(
+        &self,
+        kind: ConversationKind,
+        m: &DownstreamMessage,
+    ) -> Result<(), AppError> {
+        let data = FanoutTaskData {
+            group_id: match kind {
+                ConversationKind::Group(g) => g.to_string(),
+                _ => String::new(),
+            },
+            message_id: m.message_id.clone(),
+            conversation_id: m.conversation_id.clone(),
+            message: Some(m.clone()),
+        };
+        let task = TaskMessage {
+            trace_id: m.trace_id.clone(),
+            task_type: TaskType::Fanout,
+            task_id: format!("fanout-{}", m.message_id),
+            data: serde_json::to_value(&data)
+                .map_err(|e| AppError::internal(format!("encoding: {e}")))?,
+            headers: BTreeMap::new(),
+            created_at: now_ms(),
+        };
+        let payload =
+            serde_json::to_vec(&task).map_err(|e| AppError::internal(format!("encoding: {e}")))?;
+        let mut headers = BTreeMap::new();
+        headers.insert("trace_id".to_owned(), m.trace_id.clone());
+        self.bus
+            .send(TASK_TOPIC, &m.conversation_id, payload, headers)
+            .await
+            .map_err(|e| AppError::new(ErrorCode::Unavailable, format!("bus: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spec_policy() {
+        assert!(!should_distribute_async(
+            ConversationKind::Single(1, 2),
+            2,
+            500
+        ));
+        assert!(!should_distribute_async(
+            ConversationKind::Group(1),
+            500,
+            500
+        ));
+        assert!(should_distribute_async(
+            ConversationKind::Group(1),
+            501,
+            500
+        ));
+        assert!(should_distribute_async(ConversationKind::World, 0, 500));
+    }
+}
