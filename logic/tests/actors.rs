@@ -1,0 +1,403 @@
+//! Logic against the real repo (SQLite + memory cache) and the in-process bus: the upstream
+//! consumer, Conversation actors, acks, delivery records, dedup and membership errors.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use gochat_infra::mq::memory::{MemoryBus, MemoryBusConfig};
+use gochat_infra::mq::{Bus, Consumer, Producer};
+use gochat_infra::wire::{
+    DownstreamKind, DownstreamMessage, HEADER_SESSION, UPSTREAM_TOPIC, UpstreamMessage,
+    downstream_topic,
+};
+use gochat_logic::{Logic, LogicSettings};
+use gochat_proto::logic as lpb;
+use gochat_proto::logic::auth_service_server::AuthService;
+use gochat_proto::logic::conversation_service_server::ConversationService;
+use gochat_proto::logic::group_service_server::GroupService;
+use gochat_proto::logic::presence_service_server::PresenceService;
+use gochat_repo::cache::AnyCache;
+use gochat_repo::cache::memory::MemoryCache;
+use gochat_repo::store::AnyStore;
+use gochat_repo::{Repo, RepoSettings};
+use tonic::Request;
+
+type TestLogic = Logic<Repo, MemoryBus>;
+
+struct World {
+    logic: TestLogic,
+    bus: MemoryBus,
+    _dir: tempfile::TempDir,
+}
+
+async fn world() -> World {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = AnyStore::open(&dir.path().join("t.db").to_string_lossy(), 4)
+        .await
+        .expect("store");
+    let repo = Repo::new(
+        store,
+        AnyCache::Memory(MemoryCache::new(100_000)),
+        RepoSettings {
+            argon2_memory_kib: 64,
+            argon2_iterations: 1,
+            ..RepoSettings::default()
+        },
+    );
+    let bus = MemoryBus::new(MemoryBusConfig::default());
+    let settings = LogicSettings {
+        jwt_secret: "x".repeat(40),
+        arbiters: 2,
+        ..LogicSettings::default()
+    };
+    let logic = Logic::new(repo, bus.clone(), settings).expect("logic");
+    let runner = logic.clone();
+    actix_rt::spawn(async move {
+        runner
+            .run_upstream(4, std::future::pending())
+            .await
+            .expect("upstream");
+    });
+    World {
+        logic,
+        bus,
+        _dir: dir,
+    }
+}
+
+async fn user(w: &World, name: &str) -> String {
+    w.logic
+        .register(Request::new(lpb::RegisterRequest {
+            username: name.into(),
+            password: "password1".into(),
+            nickname: String::new(),
+        }))
+        .await
+        .expect("register")
+        .into_inner()
+        .user
+        .expect("user")
+        .id
+}
+
+async fn online(w: &World, user: &str, gateway: &str) {
+    w.logic
+        .user_connected(Request::new(lpb::UserConnectedRequest {
+            user_id: user.into(),
+            gateway_id: gateway.into(),
+            ttl_seconds: 600,
+        }))
+        .await
+        .expect("connected");
+}
+
+async fn send(w: &World, user: &str, conv: &str, cmid: &str, content: &str, session: &str) {
+    let mut headers = BTreeMap::new();
+    headers.insert(HEADER_SESSION.to_owned(), session.to_owned());
+    let up = UpstreamMessage {
+        trace_id: format!("t-{cmid}"),
+        user_id: user.into(),
+        gateway_id: "gw-1".into(),
+        conversation_id: conv.into(),
+        message_type: 1,
+        content: content.into(),
+        client_msg_id: cmid.into(),
+        timestamp: 0,
+        headers,
+    };
+    w.bus
+        .send(
+            UPSTREAM_TOPIC,
+            conv,
+            serde_json::to_vec(&up).expect("json"),
+            BTreeMap::new(),
+        )
+        .await
+        .expect("send");
+}
+
+/// Reads downstream records of gw-1 until `want` of kind `kind` arrived (others are collected too).
+async fn collect<C: Consumer>(
+    c: &mut C,
+    kind: DownstreamKind,
+    want: usize,
+) -> Vec<DownstreamMessage> {
+    let mut out = Vec::new();
+    let mut n = 0;
+    while n < want {
+        let r = tokio::time::timeout(Duration::from_secs(20), c.recv())
+            .await
+            .expect("a downstream record in time")
+            .expect("recv");
+        c.commit(&r).await.expect("commit");
+        let m: DownstreamMessage = serde_json::from_slice(&r.payload).expect("downstream json");
+        if m.kind == kind {
+            n += 1;
+        }
+        out.push(m);
+    }
+    out
+}
+
+#[actix_rt::test]
+async fn single_chat_acks_in_seq_order_delivers_and_dedups() {
+    let w = world().await;
+    w.bus
+        .ensure_topic(&downstream_topic("gw-1"), 4)
+        .await
+        .expect("topic");
+    let mut down = w
+        .bus
+        .subscribe("test", &[&downstream_topic("gw-1")])
+        .await
+        .expect("subscribe");
+    let a = user(&w, "alice").await;
+    let b = user(&w, "bobby").await;
+    online(&w, &a, "gw-1").await;
+    online(&w, &b, "gw-1").await;
+    let conv = w
+        .logic
+        .create_single_conversation(Request::new(lpb::CreateSingleConversationRequest {
+            user_id: a.clone(),
+            target_user_id: b.clone(),
+        }))
+        .await
+        .expect("conversation")
+        .into_inner()
+        .conversation
+        .expect("conv")
+        .id;
+    for i in 0..20 {
+        send(
+            &w,
+            &a,
+            &conv,
+            &format!("m{i}"),
+            &format!("hello {i}"),
+            "sess-a",
+        )
+        .await;
+    }
+    let records = collect(&mut down, DownstreamKind::MessageAck, 20).await;
+    let acks: Vec<&DownstreamMessage> = records
+        .iter()
+        .filter(|m| m.kind == DownstreamKind::MessageAck)
+        .collect();
+    let seqs: Vec<i64> = acks.iter().map(|m| m.seq_id).collect();
+    assert_eq!(
+        seqs,
+        (1..=20).collect::<Vec<_>>(),
+        "acks carry seq 1..=20 in order"
+    );
+    assert!(acks.iter().all(|m| m.target_session == "sess-a"));
+    // The resend of m3 gets the original ack again.
+    send(&w, &a, &conv, "m3", "hello 3", "sess-a").await;
+    let again = collect(&mut down, DownstreamKind::MessageAck, 1).await;
+    let ack = again
+        .iter()
+        .find(|m| m.kind == DownstreamKind::MessageAck)
+        .expect("ack");
+    assert_eq!(ack.seq_id, 4);
+    assert_eq!(ack.message_id, acks[3].message_id);
+    // History has exactly 20 messages, and bob has 20 unread.
+    let history = w
+        .logic
+        .get_messages(Request::new(lpb::GetMessagesRequest {
+            user_id: b.clone(),
+            conversation_id: conv.clone(),
+            after_seq: Some(0),
+            before_seq: None,
+            limit: 100,
+        }))
+        .await
+        .expect("history")
+        .into_inner();
+    assert_eq!(history.messages.len(), 20);
+    let list = w
+        .logic
+        .get_conversations(Request::new(lpb::GetConversationsRequest {
+            user_id: b.clone(),
+            page: 1,
+            page_size: 20,
+        }))
+        .await
+        .expect("list")
+        .into_inner();
+    let c = list
+        .conversations
+        .iter()
+        .find(|c| c.id == conv)
+        .expect("listed");
+    assert_eq!(c.unread_count, 20);
+    let mine = w
+        .logic
+        .get_conversations(Request::new(lpb::GetConversationsRequest {
+            user_id: a.clone(),
+            page: 1,
+            page_size: 20,
+        }))
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(
+        mine.conversations
+            .iter()
+            .find(|c| c.id == conv)
+            .expect("listed")
+            .unread_count,
+        0,
+        "own messages are read"
+    );
+    // New-message records went to gw-1 for both users, excluding the sending session.
+    let deliveries: Vec<&DownstreamMessage> = records
+        .iter()
+        .filter(|m| m.kind == DownstreamKind::NewMessage)
+        .collect();
+    assert!(!deliveries.is_empty());
+    for d in &deliveries {
+        assert_eq!(d.exclude_session, "sess-a");
+        assert!(d.targets.contains(&b));
+    }
+}
+
+#[actix_rt::test]
+async fn non_members_get_an_error_frame() {
+    let w = world().await;
+    w.bus
+        .ensure_topic(&downstream_topic("gw-1"), 4)
+        .await
+        .expect("topic");
+    let mut down = w
+        .bus
+        .subscribe("test", &[&downstream_topic("gw-1")])
+        .await
+        .expect("subscribe");
+    let a = user(&w, "owner").await;
+    let b = user(&w, "member").await;
+    let c = user(&w, "stranger").await;
+    let group = w
+        .logic
+        .create_group(Request::new(lpb::CreateGroupRequest {
+            operator_id: a.clone(),
+            name: "team".into(),
+            member_ids: vec![b.clone()],
+        }))
+        .await
+        .expect("group")
+        .into_inner()
+        .group
+        .expect("group");
+    send(&w, &c, &group.conversation_id, "x1", "let me in", "sess-c").await;
+    let recs = collect(&mut down, DownstreamKind::Error, 1).await;
+    let err = recs
+        .iter()
+        .find(|m| m.kind == DownstreamKind::Error)
+        .expect("error");
+    assert_eq!(err.error_code, 4001);
+    assert_eq!(err.target_session, "sess-c");
+    assert_eq!(err.client_msg_id, "x1");
+    // And a member's message is stored with seq 1.
+    send(&w, &b, &group.conversation_id, "y1", "hi team", "sess-b").await;
+    let recs = collect(&mut down, DownstreamKind::MessageAck, 1).await;
+    let ack = recs
+        .iter()
+        .find(|m| m.kind == DownstreamKind::MessageAck)
+        .expect("ack");
+    assert_eq!(ack.seq_id, 1);
+}
+
+#[actix_rt::test]
+async fn tokens_rotate_and_logout_revokes_both() {
+    let w = world().await;
+    user(&w, "carol").await;
+    let login = w
+        .logic
+        .login(Request::new(lpb::LoginRequest {
+            username: "carol".into(),
+            password: "password1".into(),
+        }))
+        .await
+        .expect("login")
+        .into_inner();
+    let wrong = w
+        .logic
+        .login(Request::new(lpb::LoginRequest {
+            username: "carol".into(),
+            password: "nope-nope".into(),
+        }))
+        .await
+        .expect_err("wrong password");
+    assert_eq!(
+        gochat_infra::AppError::from_status(&wrong).code.as_u16(),
+        2002
+    );
+    w.logic
+        .validate_token(Request::new(lpb::ValidateTokenRequest {
+            access_token: login.access_token.clone(),
+        }))
+        .await
+        .expect("valid");
+    let refreshed = w
+        .logic
+        .refresh_token(Request::new(lpb::RefreshTokenRequest {
+            refresh_token: login.refresh_token.clone(),
+        }))
+        .await
+        .expect("refresh")
+        .into_inner();
+    let replay = w
+        .logic
+        .refresh_token(Request::new(lpb::RefreshTokenRequest {
+            refresh_token: login.refresh_token.clone(),
+        }))
+        .await
+        .expect_err("old refresh token refused");
+    assert_eq!(
+        gochat_infra::AppError::from_status(&replay).code.as_u16(),
+        1002
+    );
+    // The replay revoked the session: the new tokens stopped working too.
+    let after = w
+        .logic
+        .validate_token(Request::new(lpb::ValidateTokenRequest {
+            access_token: refreshed.access_token.clone(),
+        }))
+        .await
+        .expect_err("session revoked after replay");
+    assert_eq!(
+        gochat_infra::AppError::from_status(&after).code.as_u16(),
+        1002
+    );
+    // A fresh login, then logout: both tokens stop at once.
+    let login = w
+        .logic
+        .login(Request::new(lpb::LoginRequest {
+            username: "carol".into(),
+            password: "password1".into(),
+        }))
+        .await
+        .expect("login")
+        .into_inner();
+    w.logic
+        .logout(Request::new(lpb::LogoutRequest {
+            access_token: login.access_token.clone(),
+        }))
+        .await
+        .expect("logout");
+    assert!(
+        w.logic
+            .validate_token(Request::new(lpb::ValidateTokenRequest {
+                access_token: login.access_token
+            }))
+            .await
+            .is_err()
+    );
+    assert!(
+        w.logic
+            .refresh_token(Request::new(lpb::RefreshTokenRequest {
+                refresh_token: login.refresh_token
+            }))
+            .await
+            .is_err()
+    );
+}
