@@ -23,6 +23,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the whole chat server in one process: HTTP API and WebSocket on --listen, SQLite in
+    /// --data-dir, in-process bus and cache.
+    Serve {
+        /// HTTP + WebSocket listen address (overrides `[gateway] listen`).
+        #[arg(long)]
+        listen: Option<String>,
+    },
     /// Apply pending database migrations and exit.
     Migrate,
     /// Run the repo service (users, messages, groups, conversations, presence) over gRPC.
@@ -37,12 +44,30 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = Config::load(cli.config.as_deref())?;
     init_tracing(&config);
+    if let Command::Serve { listen } = &cli.command {
+        if let Some(l) = listen {
+            config.gateway.listen = l.clone();
+        }
+        let listener = std::net::TcpListener::bind(&config.gateway.listen)
+            .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
+        let options = gochat::ServeOptions {
+            data_dir: cli.data_dir.clone(),
+            listener,
+        };
+        // The gateway and the actors run on actix's runtime.
+        return actix_rt::System::new().block_on(gochat::serve(
+            &config,
+            options,
+            shutdown_signal(),
+        ));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
+            Command::Serve { .. } => Ok(()),
             Command::Migrate => {
                 let url = gochat_repo::run::database_url(&config, &cli.data_dir);
                 let store = gochat_repo::store::AnyStore::open(&url, 1)

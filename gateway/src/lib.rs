@@ -1,4 +1,207 @@
-//! gochat's gateway (spec section 1): the HTTP API and `/ws`, one Session actor per WebSocket
-//! connection, the user -> sessions registry, and the downstream consumer.
+//! gochat's gateway (spec section 1): the HTTP API and `/ws` of the client contract, one
+//! Session actor per WebSocket connection, the user -> sessions registry, presence reporting
+//! and the downstream consumer.
 //!
-//! This crate fills in with the serve issue; today it only reserves its place in the workspace.
+//! How data flows through it:
+//!
+//! - **HTTP** (`api`): a request gets a trace id, is authenticated with logic's
+//!   `ValidateToken`, calls one logic RPC in-process through [`LogicApi`] and is answered with
+//!   the contract's JSON (errors: `ErrorResponse` with the contract's status).
+//! - **WebSocket up** (`ws`, `session`): `/ws` authenticates before the upgrade and starts a
+//!   Session actor. Valid `send-message` frames are published to `im-upstream-topic`, keyed by
+//!   conversation id, with the session id in the `session_id` header; logic checks membership,
+//!   stores, acks and delivers.
+//! - **WebSocket down** (`downstream`): one consumer per gateway reads
+//!   `im-downstream-topic-{gateway_id}` and offers each record (new message, ack, error, online
+//!   status) to the local sessions it targets through the `registry`, never waiting on a
+//!   client: a session that cannot keep up is closed (1013) and resyncs by seq.
+//! - **Presence** (`presence`): the first local session of a user reports `UserConnected`,
+//!   the last one's close `UserDisconnected`, and all local users are refreshed every third of
+//!   the presence ttl.
+//!
+//! The gateway never touches a database: logic through the four logic service traits, the bus
+//! through [`Bus`]. See `docs/protocol-client.md` for the wire protocol.
+
+mod api;
+mod downstream;
+mod frames;
+mod presence;
+mod registry;
+mod session;
+mod settings;
+mod shared;
+mod stats;
+mod ws;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{App, HttpServer, middleware, web};
+use gochat_infra::mq::Bus;
+use gochat_proto::logic::auth_service_server::AuthService;
+use gochat_proto::logic::conversation_service_server::ConversationService;
+use gochat_proto::logic::group_service_server::GroupService;
+use gochat_proto::logic::presence_service_server::PresenceService;
+use tokio_util::sync::CancellationToken;
+
+pub use api::{TRACE_HEADER, TRACE_METADATA_KEY};
+pub use downstream::consumer_group;
+pub use settings::GatewaySettings;
+pub use stats::{CloseCause, GatewayStats, StatsSnapshot};
+
+use crate::api::ApiState;
+use crate::shared::Shared;
+
+/// Everything the gateway needs from logic: the four logic service traits. In `serve` mode the
+/// logic service itself; in the distributed mode an adapter over the tonic clients.
+pub trait LogicApi:
+    AuthService + ConversationService + GroupService + PresenceService + Clone + Send + Sync + 'static
+{
+}
+
+impl<T> LogicApi for T where
+    T: AuthService
+        + ConversationService
+        + GroupService
+        + PresenceService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// A gateway ready to run; [`Gateway::stats`] reads its counters while it runs.
+#[derive(Debug)]
+pub struct Gateway<L, B> {
+    settings: GatewaySettings,
+    logic: L,
+    bus: B,
+    stats: Arc<GatewayStats>,
+}
+
+impl<L: LogicApi, B: Bus> Gateway<L, B> {
+    /// A gateway with these settings, talking to `logic` and `bus`.
+    pub fn new(settings: GatewaySettings, logic: L, bus: B) -> Self {
+        Self {
+            settings,
+            logic,
+            bus,
+            stats: Arc::new(GatewayStats::default()),
+        }
+    }
+
+    /// The gateway's counters (live).
+    pub fn stats(&self) -> Arc<GatewayStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Serves HTTP and WebSocket on `listener` until `shutdown` resolves, then closes every
+    /// session with 1001 (going away), reports its users offline and stops gracefully (within
+    /// `shutdown_grace`). Must run inside an actix `System`.
+    pub async fn run(
+        self,
+        listener: std::net::TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let Self {
+            settings,
+            logic,
+            bus,
+            stats,
+        } = self;
+        let workers = settings.workers;
+        let grace = settings.shutdown_grace;
+        let close_grace = settings.close_grace;
+        let max_body = settings.max_body_bytes;
+        let shared = Arc::new(Shared::new(settings, stats));
+        let cancel = CancellationToken::new();
+
+        let consumer = actix_rt::spawn(downstream::run_consumer(
+            Arc::clone(&shared),
+            bus.clone(),
+            cancel.clone(),
+        ));
+        let reporter = actix_rt::spawn(presence::run_reporter(
+            Arc::clone(&shared),
+            logic.clone(),
+            cancel.clone(),
+        ));
+
+        let api_state = web::Data::new(ApiState {
+            shared: Arc::clone(&shared),
+            logic,
+        });
+        let shared_data = web::Data::from(Arc::clone(&shared));
+        let bus_data = web::Data::new(bus);
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(api_state.clone())
+                .app_data(shared_data.clone())
+                .app_data(bus_data.clone())
+                .configure(|cfg| api::configure::<L, B>(cfg, max_body))
+                .wrap(middleware::from_fn(api::trace_layer))
+        })
+        .disable_signals()
+        .shutdown_timeout(grace.as_secs().max(1));
+        if workers > 0 {
+            server = server.workers(workers);
+        }
+        let server = server.listen(listener)?.run();
+        let handle = server.handle();
+        let mut server = std::pin::pin!(server);
+        let shutdown = std::pin::pin!(shutdown);
+
+        let stopped_early = tokio::select! {
+            res = &mut server => Some(res),
+            () = shutdown => None,
+        };
+        if let Some(res) = stopped_early {
+            cancel.cancel();
+            let _ = consumer.await;
+            let _ = reporter.await;
+            return res;
+        }
+
+        tracing::info!(sessions = shared.registry.len(), "gateway shutting down");
+        shared.begin_shutdown();
+        shared
+            .registry
+            .for_each(|h| h.close(CloseCause::Shutdown, "server shutting down"));
+        let drained = async {
+            while shared.registry.len() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        // The server keeps running (sessions need their workers) while they close.
+        tokio::select! {
+            res = &mut server => {
+                cancel.cancel();
+                let _ = consumer.await;
+                let _ = reporter.await;
+                return res;
+            }
+            _ = tokio::time::timeout(close_grace, drained) => {}
+        }
+        cancel.cancel();
+        let (_, res) = tokio::join!(handle.stop(true), server);
+        let _ = consumer.await;
+        let _ = reporter.await;
+        tracing::info!("gateway stopped");
+        res
+    }
+}
+
+/// Runs a gateway: [`Gateway::new`] then [`Gateway::run`].
+pub async fn run<L: LogicApi, B: Bus>(
+    settings: GatewaySettings,
+    logic: L,
+    bus: B,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    Gateway::new(settings, logic, bus)
+        .run(listener, shutdown)
+        .await
+}

@@ -21,6 +21,14 @@ pub struct Config {
     pub cache: CacheConfig,
     /// The repo service.
     pub repo: RepoConfig,
+    /// The gateway (HTTP API and WebSocket).
+    pub gateway: GatewayConfig,
+    /// Tokens.
+    pub auth: AuthConfig,
+    /// The logic service.
+    pub logic: LogicConfig,
+    /// The message bus.
+    pub bus: BusConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -111,6 +119,108 @@ impl Default for RepoConfig {
     }
 }
 
+/// `[gateway]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// HTTP + WebSocket listen address (`serve` and `gochat gateway`).
+    pub listen: String,
+    /// This gateway's id, unique among live gateways (names its downstream topic).
+    pub id: String,
+    /// Largest WebSocket frame in bytes.
+    pub max_frame_bytes: usize,
+    /// Longest message content in characters.
+    pub max_content_chars: usize,
+    /// Frames queued for one connection before it is closed as too slow.
+    pub outbound_queue: usize,
+    /// A connection silent for this many seconds is closed.
+    pub heartbeat_timeout_secs: u64,
+    /// HTTP worker threads (0: one per core).
+    pub workers: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            id: "gw-1".into(),
+            max_frame_bytes: 65_536,
+            max_content_chars: 5000,
+            outbound_queue: 256,
+            heartbeat_timeout_secs: 90,
+            workers: 0,
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HMAC secret for JWTs, at least 32 bytes. Empty: `serve` generates one and keeps it in
+    /// `<data-dir>/jwt_secret`; the distributed services require it.
+    pub jwt_secret: String,
+    /// Access token lifetime in seconds.
+    pub access_ttl_secs: u64,
+    /// Refresh token lifetime in seconds.
+    pub refresh_ttl_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: String::new(),
+            access_ttl_secs: 900,
+            refresh_ttl_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// `[logic]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogicConfig {
+    /// Snowflake node id of this logic instance (0..=1023).
+    pub node_id: u16,
+    /// Arbiters (threads) for Conversation actors (0: one per core).
+    pub arbiters: usize,
+    /// Mailbox capacity of a Conversation actor.
+    pub mailbox_capacity: usize,
+    /// Most messages one conversation stores in one batch.
+    pub max_batch: usize,
+    /// Seconds an idle Conversation actor lives.
+    pub idle_timeout_secs: u64,
+    /// Groups bigger than this are delivered by the task service (spec: 500).
+    pub async_fanout_threshold: i64,
+}
+
+impl Default for LogicConfig {
+    fn default() -> Self {
+        Self {
+            node_id: 1,
+            arbiters: 0,
+            mailbox_capacity: 1024,
+            max_batch: 256,
+            idle_timeout_secs: 120,
+            async_fanout_threshold: 500,
+        }
+    }
+}
+
+/// `[bus]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusConfig {
+    /// Partitions of `im-upstream-topic` (and the other topics gochat creates).
+    pub partitions: u32,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self { partitions: 8 }
+    }
+}
+
 /// `[log]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -191,6 +301,31 @@ impl Config {
                 "cache.redis_url must be a redis:// URL, got {:?}",
                 self.cache.redis_url
             )));
+        }
+        if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < 32 {
+            return Err(ConfigError(
+                "auth.jwt_secret must be at least 32 bytes".into(),
+            ));
+        }
+        if self.gateway.id.is_empty()
+            || !self
+                .gateway
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ConfigError(
+                "gateway.id must be letters, digits, '-' or '_' (it names a topic)".into(),
+            ));
+        }
+        if self.logic.node_id > crate::ids::MAX_NODE_ID {
+            return Err(ConfigError(format!(
+                "logic.node_id must be at most {}",
+                crate::ids::MAX_NODE_ID
+            )));
+        }
+        if self.bus.partitions == 0 {
+            return Err(ConfigError("bus.partitions must be at least 1".into()));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError(

@@ -1,0 +1,220 @@
+//! Presence reporting: tells logic when a user's first local session opens
+//! (`UserConnected`) and when their last local session closes (`UserDisconnected`), and keeps
+//! the entries alive with `RefreshPresence` every third of the ttl.
+//!
+//! Reporting is level-triggered rather than event-driven: sessions only mark their user
+//! "dirty"; one reporter task compares, per dirty user, whether the user has a local session now
+//! with what it last reported, and makes the one call that closes the gap. Calls therefore never
+//! race each other out of order (a quick disconnect/reconnect cannot end up reported offline),
+//! flapping collapses into at most one call per user per round, memory is bounded by the number
+//! of users, and a failed call is simply retried a second later.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use gochat_proto::logic::presence_service_server::PresenceService;
+use gochat_proto::logic::{RefreshPresenceRequest, UserConnectedRequest, UserDisconnectedRequest};
+use tokio::sync::Notify;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::shared::Shared;
+
+/// Presence calls in flight at once.
+const CONCURRENCY: usize = 32;
+/// User ids per `RefreshPresence` call.
+const REFRESH_BATCH: usize = 1_000;
+/// Delay before a failed call is retried.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Users whose presence changed since the reporter last looked.
+#[derive(Debug, Default)]
+pub(crate) struct PresenceTracker {
+    dirty: Mutex<HashSet<String>>,
+    wake: Notify,
+}
+
+impl PresenceTracker {
+    /// Marks `user_id` for the reporter.
+    pub fn mark(&self, user_id: &str) {
+        self.lock().insert(user_id.to_owned());
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Vec<String> {
+        self.lock().drain().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.dirty.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What one reconciliation did for one user.
+enum Outcome {
+    Online(String),
+    Offline(String),
+    Unchanged,
+    Failed(String),
+}
+
+/// Runs until `cancel`, then reports every user it reported online as disconnected (bounded by
+/// `shutdown_grace`).
+pub(crate) async fn run_reporter<L: PresenceService + Clone>(
+    shared: Arc<Shared>,
+    logic: L,
+    cancel: CancellationToken,
+) {
+    let gateway_id = shared.settings.gateway_id.clone();
+    let ttl = shared.settings.presence_ttl_secs();
+    let mut reported: HashSet<String> = HashSet::new();
+    let mut refresh = tokio::time::interval(shared.settings.presence_refresh_every());
+    refresh.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    refresh.tick().await;
+    let mut retry: Option<(Instant, Vec<String>)> = None;
+
+    loop {
+        let retry_at = retry.as_ref().map(|(at, _)| *at);
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = shared.presence.wake.notified() => {}
+            () = sleep_until_opt(retry_at) => {
+                if let Some((_, users)) = retry.take() {
+                    users.iter().for_each(|u| shared.presence.mark(u));
+                }
+            }
+            _ = refresh.tick() => {
+                refresh_all(&logic, &gateway_id, &reported, ttl).await;
+                continue;
+            }
+        }
+        let dirty = shared.presence.take();
+        if dirty.is_empty() {
+            continue;
+        }
+        let outcomes: Vec<Outcome> =
+            futures::stream::iter(dirty)
+                .map(|user| {
+                    let online_now = shared.registry.has_user(&user);
+                    let was_online = reported.contains(&user);
+                    let logic = logic.clone();
+                    let gateway_id = gateway_id.clone();
+                    async move {
+                        reconcile(&logic, &gateway_id, ttl, user, online_now, was_online).await
+                    }
+                })
+                .buffer_unordered(CONCURRENCY)
+                .collect()
+                .await;
+        let mut failed = Vec::new();
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Online(u) => {
+                    reported.insert(u);
+                }
+                Outcome::Offline(u) => {
+                    reported.remove(&u);
+                }
+                Outcome::Unchanged => {}
+                Outcome::Failed(u) => failed.push(u),
+            }
+        }
+        if !failed.is_empty() {
+            let at = Instant::now() + RETRY_AFTER;
+            match &mut retry {
+                Some((_, users)) => users.extend(failed),
+                None => retry = Some((at, failed)),
+            }
+        }
+    }
+
+    // Shutdown: this gateway's users are offline here now.
+    let goodbye = futures::stream::iter(reported)
+        .map(|user| {
+            let logic = logic.clone();
+            let gateway_id = gateway_id.clone();
+            async move {
+                let req = UserDisconnectedRequest {
+                    user_id: user,
+                    gateway_id,
+                };
+                let _ = logic.user_disconnected(tonic::Request::new(req)).await;
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<()>>();
+    if tokio::time::timeout(shared.settings.shutdown_grace, goodbye)
+        .await
+        .is_err()
+    {
+        tracing::warn!("presence: gave up reporting users offline at shutdown");
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn reconcile<L: PresenceService>(
+    logic: &L,
+    gateway_id: &str,
+    ttl: i64,
+    user: String,
+    online_now: bool,
+    was_online: bool,
+) -> Outcome {
+    match (online_now, was_online) {
+        (true, false) => {
+            let req = UserConnectedRequest {
+                user_id: user.clone(),
+                gateway_id: gateway_id.to_owned(),
+                ttl_seconds: ttl,
+            };
+            match logic.user_connected(tonic::Request::new(req)).await {
+                Ok(_) => Outcome::Online(user),
+                Err(status) => {
+                    tracing::warn!(user_id = %user, cause = %status.message(), "presence: UserConnected failed");
+                    Outcome::Failed(user)
+                }
+            }
+        }
+        (false, true) => {
+            let req = UserDisconnectedRequest {
+                user_id: user.clone(),
+                gateway_id: gateway_id.to_owned(),
+            };
+            match logic.user_disconnected(tonic::Request::new(req)).await {
+                Ok(_) => Outcome::Offline(user),
+                Err(status) => {
+                    tracing::warn!(user_id = %user, cause = %status.message(), "presence: UserDisconnected failed");
+                    Outcome::Failed(user)
+                }
+            }
+        }
+        _ => Outcome::Unchanged,
+    }
+}
+
+async fn refresh_all<L: PresenceService>(
+    logic: &L,
+    gateway_id: &str,
+    reported: &HashSet<String>,
+    ttl: i64,
+) {
+    let users: Vec<String> = reported.iter().cloned().collect();
+    for chunk in users.chunks(REFRESH_BATCH) {
+        let req = RefreshPresenceRequest {
+            gateway_id: gateway_id.to_owned(),
+            user_ids: chunk.to_vec(),
+            ttl_seconds: ttl,
+        };
+        if let Err(status) = logic.refresh_presence(tonic::Request::new(req)).await {
+            tracing::warn!(cause = %status.message(), users = chunk.len(), "presence: RefreshPresence failed");
+        }
+    }
+}

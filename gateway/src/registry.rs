@@ -1,0 +1,155 @@
+//! [`Registry`]: the local sessions of this gateway, by user (a user may have several devices)
+//! and by session id (acks and errors go to one session).
+//!
+//! Both maps are sharded (`DashMap`), so registering, looking up and delivering never take a
+//! global lock. Delivery into a session is a non-blocking bounded `try_send`; a session whose
+//! queue is full is told to close as too slow (once), and the others are unaffected.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use actix::Addr;
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+
+use crate::session::{CloseSession, Delivery, Session};
+use crate::stats::CloseCause;
+
+/// How the rest of the gateway reaches one Session actor.
+#[derive(Clone)]
+pub(crate) struct SessionHandle {
+    /// The session id (`<gateway_id>-<snowflake>`).
+    pub id: Arc<str>,
+    /// Its authenticated user.
+    pub user_id: Arc<str>,
+    /// Bounded queue of deliveries into the actor.
+    deliveries: mpsc::Sender<Delivery>,
+    /// The actor's mailbox, for control messages (close).
+    control: Addr<Session>,
+    /// Set once the session was told to close, so a flood of failed deliveries sends one
+    /// close request, not one per delivery.
+    doomed: Arc<AtomicBool>,
+}
+
+impl fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionHandle")
+            .field("id", &self.id)
+            .field("user_id", &self.user_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionHandle {
+    pub fn new(
+        id: Arc<str>,
+        user_id: Arc<str>,
+        deliveries: mpsc::Sender<Delivery>,
+        control: Addr<Session>,
+    ) -> Self {
+        Self {
+            id,
+            user_id,
+            deliveries,
+            control,
+            doomed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Queues `delivery` without waiting. A full queue means the client cannot keep up: the
+    /// session is closed with 1013 and the delivery dropped (the client resyncs by seq).
+    pub fn deliver(&self, delivery: Delivery) {
+        match self.deliveries.try_send(delivery) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.close(CloseCause::Slow, "client too slow: delivery queue full");
+            }
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Asks the session to close (once; later requests are ignored).
+    pub fn close(&self, cause: CloseCause, reason: &str) {
+        if !self.doomed.swap(true, Ordering::AcqRel) {
+            self.control.do_send(CloseSession {
+                cause,
+                reason: reason.to_owned(),
+            });
+        }
+    }
+}
+
+/// The local sessions.
+#[derive(Default)]
+pub(crate) struct Registry {
+    by_user: DashMap<Arc<str>, Vec<SessionHandle>>,
+    by_session: DashMap<Arc<str>, SessionHandle>,
+    sessions: AtomicUsize,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("users", &self.by_user.len())
+            .field("sessions", &self.len())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// Adds a session; true when it is the user's first local session.
+    pub fn insert(&self, handle: SessionHandle) -> bool {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        self.by_session
+            .insert(Arc::clone(&handle.id), handle.clone());
+        let mut sessions = self.by_user.entry(Arc::clone(&handle.user_id)).or_default();
+        sessions.push(handle);
+        sessions.len() == 1
+    }
+
+    /// Removes a session; true when it was the user's last local session.
+    pub fn remove(&self, user_id: &str, session_id: &str) -> bool {
+        let last = self
+            .by_user
+            .remove_if_mut(user_id, |_, sessions| {
+                sessions.retain(|h| &*h.id != session_id);
+                sessions.is_empty()
+            })
+            .is_some();
+        if self.by_session.remove(session_id).is_some() {
+            self.sessions.fetch_sub(1, Ordering::Relaxed);
+        }
+        last
+    }
+
+    /// Open sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Whether `user_id` has a local session.
+    pub fn has_user(&self, user_id: &str) -> bool {
+        self.by_user.contains_key(user_id)
+    }
+
+    /// Calls `f` for each local session of `user_id`.
+    pub fn for_user(&self, user_id: &str, mut f: impl FnMut(&SessionHandle)) {
+        if let Some(sessions) = self.by_user.get(user_id) {
+            sessions.iter().for_each(&mut f);
+        }
+    }
+
+    /// Calls `f` for the session `session_id`, if it is local.
+    pub fn for_session(&self, session_id: &str, f: impl FnOnce(&SessionHandle)) {
+        if let Some(handle) = self.by_session.get(session_id) {
+            f(&handle);
+        }
+    }
+
+    /// Calls `f` for every local session.
+    pub fn for_each(&self, mut f: impl FnMut(&SessionHandle)) {
+        self.by_session.iter().for_each(|e| f(e.value()));
+    }
+}

@@ -1,0 +1,565 @@
+//! The Session actor: one per WebSocket connection.
+//!
+//! ```text
+//!  client frames ──► actix_ws MessageStream ──(ctx.add_stream)──► Session actor ──► publisher task ──► im-upstream-topic
+//!  downstream consumer ──try_send──► delivery queue ──(ctx.add_stream)──┘   │
+//!                                                                          ▼ try_send
+//!                                             outbound queue (bounded) ──► writer task ──► actix_ws::Session ──► socket
+//! ```
+//!
+//! The actor owns everything that is per-connection state: the heartbeat deadline, the abuse
+//! count, and the last seq delivered per conversation (so redelivered records are dropped). It
+//! never awaits: frames it produces and deliveries it accepts go to the bounded outbound queue
+//! with `try_send`, drained by a writer task that owns the `actix_ws::Session` (the socket
+//! half). When that queue is full the client is not reading fast enough and the session is
+//! closed with 1013; nothing is ever buffered without bound. Sends are published in order by a
+//! per-session publisher task behind another bounded queue, so a slow bus never blocks
+//! deliveries.
+//!
+//! Closing: the actor hands the writer a close command (code, reason, and whether queued frames
+//! are flushed first), then stops; the writer sends the close frame within `close_grace` and
+//! drops the socket. On stop the session leaves the registry and its user is marked for presence
+//! reporting.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::{Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message, StreamHandler};
+use actix_web::web::Bytes;
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError};
+use gochat_infra::ErrorCode;
+use gochat_infra::mq::Producer;
+use gochat_infra::time::now_ms;
+use gochat_infra::wire::{HEADER_SESSION, UPSTREAM_TOPIC, UpstreamMessage};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::frames::{
+    self, ClientFrame, Empty, ErrorData, FrameError, SendMessage, parse_client_frame, server_frame,
+};
+use crate::registry::SessionHandle;
+use crate::shared::Shared;
+use crate::stats::{CloseCause, GatewayStats};
+
+/// Conversations whose last delivered seq a session remembers; past this the memory is reset
+/// (duplicate suppression is best effort beyond it; clients dedupe by seq anyway).
+const MAX_TRACKED_CONVERSATIONS: usize = 4_096;
+
+/// Header carrying the trace id on bus records.
+pub(crate) const HEADER_TRACE: &str = "trace_id";
+
+/// A frame for one or many sessions, serialized once.
+#[derive(Debug, Clone)]
+pub(crate) struct Delivery {
+    /// The whole envelope.
+    pub text: Arc<str>,
+    /// For `new-message`: (conversation, seq), for duplicate suppression.
+    pub seq: Option<(Arc<str>, i64)>,
+}
+
+/// Close this session (sent by the registry: too slow, or shutdown).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct CloseSession {
+    pub cause: CloseCause,
+    pub reason: String,
+}
+
+/// The publisher could not hand a send to the bus.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub(crate) struct PublishFailed {
+    pub client_msg_id: String,
+    pub message: String,
+}
+
+/// What the writer task writes.
+#[derive(Debug)]
+enum Outbound {
+    Text(Arc<str>),
+    Pong(Bytes),
+}
+
+/// How the writer ends the connection.
+#[derive(Debug)]
+struct CloseCmd {
+    reason: Option<CloseReason>,
+    /// Write what is queued before the close frame (not for a client too slow to read it).
+    drain: bool,
+}
+
+/// One WebSocket connection.
+pub(crate) struct Session {
+    id: Arc<str>,
+    user_id: Arc<str>,
+    shared: Arc<Shared>,
+    /// Frames for the writer (bounded).
+    out: mpsc::Sender<Outbound>,
+    /// Taken when closing.
+    close_tx: Option<oneshot::Sender<CloseCmd>>,
+    /// Sends for the publisher (bounded).
+    upstream: mpsc::Sender<UpstreamMessage>,
+    /// The delivery queue's sender, handed to the registry in `started`.
+    deliveries: Option<mpsc::Sender<Delivery>>,
+    last_seen: Instant,
+    abuse_count: u32,
+    abuse_since: Instant,
+    /// Last seq delivered per conversation.
+    delivered: HashMap<Arc<str>, i64>,
+    closing: bool,
+    span: tracing::Span,
+}
+
+/// Everything [`start`] needs.
+pub(crate) struct SessionStart {
+    pub shared: Arc<Shared>,
+    pub user_id: String,
+    pub ws: actix_ws::Session,
+    pub stream: AggregatedMessageStream,
+    pub upstream: mpsc::Sender<UpstreamMessage>,
+    pub trace_id: String,
+}
+
+/// Starts the writer task and the Session actor (on the current arbiter).
+pub(crate) fn start(params: SessionStart) -> Addr<Session> {
+    let SessionStart {
+        shared,
+        user_id,
+        ws,
+        stream,
+        upstream,
+        trace_id,
+    } = params;
+    let settings = &shared.settings;
+    let queue = settings.outbound_queue.max(1);
+    let (out_tx, out_rx) = mpsc::channel(queue);
+    let (close_tx, close_rx) = oneshot::channel();
+    let (deliver_tx, mut deliver_rx) = mpsc::channel::<Delivery>(queue);
+    let id: Arc<str> = shared.next_session_id().into();
+    let span =
+        tracing::info_span!("ws", session_id = %id, user_id = %user_id, trace_id = %trace_id);
+
+    actix_rt::spawn(write_loop(
+        ws,
+        out_rx,
+        close_rx,
+        settings.close_grace,
+        Arc::clone(&shared.stats),
+    ));
+
+    let now = Instant::now();
+    Session::create(move |ctx| {
+        ctx.add_stream(stream);
+        ctx.add_stream(futures::stream::poll_fn(move |cx| deliver_rx.poll_recv(cx)));
+        Session {
+            id,
+            user_id: user_id.into(),
+            shared,
+            out: out_tx,
+            close_tx: Some(close_tx),
+            upstream,
+            deliveries: Some(deliver_tx),
+            last_seen: now,
+            abuse_count: 0,
+            abuse_since: now,
+            delivered: HashMap::new(),
+            closing: false,
+            span,
+        }
+    })
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let _g = self.span.clone().entered();
+        if let Some(deliveries) = self.deliveries.take() {
+            let handle = SessionHandle::new(
+                Arc::clone(&self.id),
+                Arc::clone(&self.user_id),
+                deliveries,
+                ctx.address(),
+            );
+            let first = self.shared.registry.insert(handle);
+            self.shared.presence.mark(&self.user_id);
+            tracing::debug!(first_local_session = first, "session opened");
+        }
+        self.shared.stats.session_opened();
+        let every = self
+            .shared
+            .settings
+            .heartbeat_check_interval
+            .max(Duration::from_millis(10));
+        ctx.run_interval(every, |act, ctx| {
+            if act.last_seen.elapsed() >= act.shared.settings.heartbeat_timeout {
+                act.close(
+                    ctx,
+                    CloseCode::Normal,
+                    "heartbeat timeout",
+                    Some(CloseCause::Heartbeat),
+                    true,
+                );
+            }
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        let _g = self.span.clone().entered();
+        let last = self.shared.registry.remove(&self.user_id, &self.id);
+        self.shared.presence.mark(&self.user_id);
+        self.shared.stats.session_closed();
+        tracing::debug!(last_local_session = last, "session closed");
+    }
+}
+
+impl Session {
+    /// Ends the session: the writer flushes (if `drain`) and sends the close frame.
+    fn close(
+        &mut self,
+        ctx: &mut Context<Self>,
+        code: CloseCode,
+        reason: &str,
+        cause: Option<CloseCause>,
+        drain: bool,
+    ) {
+        let reason = CloseReason {
+            code,
+            description: (!reason.is_empty()).then(|| reason.to_owned()),
+        };
+        self.close_with(ctx, Some(reason), cause, drain);
+    }
+
+    fn close_with(
+        &mut self,
+        ctx: &mut Context<Self>,
+        reason: Option<CloseReason>,
+        cause: Option<CloseCause>,
+        drain: bool,
+    ) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        if let Some(cause) = cause {
+            self.shared.stats.closed(cause);
+            tracing::info!(?cause, reason = ?reason, "closing session");
+        }
+        if let Some(tx) = self.close_tx.take() {
+            let _ = tx.send(CloseCmd { reason, drain });
+        }
+        ctx.stop();
+    }
+
+    /// Queues a frame for the socket; a full queue closes the session as too slow.
+    fn push(&mut self, ctx: &mut Context<Self>, out: Outbound) {
+        if self.closing {
+            return;
+        }
+        match self.out.try_send(out) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.close(
+                ctx,
+                CloseCode::Again,
+                "client too slow: outbound queue full",
+                Some(CloseCause::Slow),
+                false,
+            ),
+            // The writer is gone: the socket failed.
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.closing = true;
+                ctx.stop();
+            }
+        }
+    }
+
+    fn send_frame<T: serde::Serialize>(&mut self, ctx: &mut Context<Self>, kind: &str, data: T) {
+        let text = server_frame(kind, self.shared.next_id(), data, now_ms());
+        self.push(ctx, Outbound::Text(text.into()));
+    }
+
+    fn send_error(
+        &mut self,
+        ctx: &mut Context<Self>,
+        code: ErrorCode,
+        message: &str,
+        client_msg_id: Option<&str>,
+    ) {
+        self.shared.stats.ws_error(code);
+        let data = ErrorData {
+            code: code.as_u16(),
+            message,
+            client_msg_id,
+        };
+        self.send_frame(ctx, frames::ERROR, data);
+    }
+
+    /// Answers a refused frame and counts it against the abuse limit.
+    fn refuse(&mut self, ctx: &mut Context<Self>, err: FrameError) {
+        tracing::debug!(code = %err.code, message = %err.message, "frame refused");
+        self.send_error(ctx, err.code, &err.message, err.client_msg_id.as_deref());
+        let settings = &self.shared.settings;
+        if self.abuse_since.elapsed() > settings.abuse_window {
+            self.abuse_since = Instant::now();
+            self.abuse_count = 0;
+        }
+        self.abuse_count += 1;
+        if self.abuse_count >= settings.max_abuse.max(1) {
+            self.close(
+                ctx,
+                CloseCode::Policy,
+                "too many invalid frames",
+                Some(CloseCause::Abuse),
+                true,
+            );
+        }
+    }
+
+    fn on_text(&mut self, ctx: &mut Context<Self>, text: &str) {
+        let max = self.shared.settings.max_frame_bytes;
+        if text.len() > max {
+            let err = FrameError::invalid(format!(
+                "frame of {} bytes exceeds the {max} byte limit",
+                text.len()
+            ));
+            return self.refuse(ctx, err);
+        }
+        match parse_client_frame(text, self.shared.settings.max_content_chars) {
+            Ok(ClientFrame::Ping) => self.send_frame(ctx, frames::PONG, Empty {}),
+            Ok(ClientFrame::Pong) => {}
+            Ok(ClientFrame::Send(msg)) => self.publish(ctx, msg),
+            Err(err) => self.refuse(ctx, err),
+        }
+    }
+
+    fn publish(&mut self, ctx: &mut Context<Self>, msg: SendMessage) {
+        let trace_id = self.shared.next_trace_id();
+        let headers = BTreeMap::from([
+            (HEADER_SESSION.to_owned(), self.id.to_string()),
+            (HEADER_TRACE.to_owned(), trace_id.clone()),
+        ]);
+        let upstream = UpstreamMessage {
+            trace_id,
+            user_id: self.user_id.to_string(),
+            gateway_id: self.shared.settings.gateway_id.clone(),
+            conversation_id: msg.conversation_id,
+            message_type: msg.message_type,
+            content: msg.content,
+            client_msg_id: msg.client_msg_id,
+            timestamp: now_ms(),
+            headers,
+        };
+        match self.upstream.try_send(upstream) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(m)) => self.send_error(
+                ctx,
+                ErrorCode::RateLimited,
+                "too many messages in flight; retry later",
+                Some(&m.client_msg_id),
+            ),
+            Err(mpsc::error::TrySendError::Closed(m)) => self.send_error(
+                ctx,
+                ErrorCode::Unavailable,
+                "message service unavailable; retry later",
+                Some(&m.client_msg_id),
+            ),
+        }
+    }
+}
+
+impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
+    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        let _g = self.span.clone().entered();
+        self.last_seen = Instant::now();
+        self.shared.stats.frame_in();
+        match item {
+            Ok(AggregatedMessage::Text(text)) => self.on_text(ctx, &text),
+            Ok(AggregatedMessage::Binary(_)) => self.refuse(
+                ctx,
+                FrameError::invalid("binary frames are not supported; send JSON text frames"),
+            ),
+            Ok(AggregatedMessage::Ping(payload)) => self.push(ctx, Outbound::Pong(payload)),
+            Ok(AggregatedMessage::Pong(_)) => {}
+            // Echo the client's close (RFC 6455 §5.5.1).
+            Ok(AggregatedMessage::Close(reason)) => self.close_with(ctx, reason, None, false),
+            Err(err) => {
+                let (code, reason) = match &err {
+                    ProtocolError::Overflow => (CloseCode::Size, "frame too large"),
+                    ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        (CloseCode::Invalid, "text frame is not valid UTF-8")
+                    }
+                    ProtocolError::Io(e) if e.to_string().contains("continuation size") => {
+                        (CloseCode::Size, "message too large")
+                    }
+                    _ => (CloseCode::Protocol, "WebSocket protocol error"),
+                };
+                tracing::info!(cause = %err, "WebSocket protocol error");
+                self.close(ctx, code, reason, Some(CloseCause::Protocol), false);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        // The client went away (TCP closed, with or without a close frame).
+        self.closing = true;
+        ctx.stop();
+    }
+}
+
+impl StreamHandler<Delivery> for Session {
+    fn handle(&mut self, delivery: Delivery, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        if let Some((conversation, seq)) = &delivery.seq
+            && *seq > 0
+        {
+            if let Some(last) = self.delivered.get(conversation)
+                && *seq <= *last
+            {
+                self.shared.stats.duplicate_dropped();
+                return;
+            }
+            if self.delivered.len() >= MAX_TRACKED_CONVERSATIONS
+                && !self.delivered.contains_key(conversation)
+            {
+                self.delivered.clear();
+            }
+            self.delivered.insert(Arc::clone(conversation), *seq);
+        }
+        self.push(ctx, Outbound::Text(delivery.text));
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {
+        // Only ends once the registry dropped the session; the socket stream decides.
+    }
+}
+
+impl Handler<CloseSession> for Session {
+    type Result = ();
+
+    fn handle(&mut self, msg: CloseSession, ctx: &mut Context<Self>) {
+        let (code, drain) = match msg.cause {
+            CloseCause::Slow => (CloseCode::Again, false),
+            CloseCause::Shutdown => (CloseCode::Away, true),
+            CloseCause::Abuse => (CloseCode::Policy, true),
+            CloseCause::Heartbeat => (CloseCode::Normal, true),
+            CloseCause::Protocol => (CloseCode::Protocol, false),
+        };
+        self.close(ctx, code, &msg.reason, Some(msg.cause), drain);
+    }
+}
+
+impl Handler<PublishFailed> for Session {
+    type Result = ();
+
+    fn handle(&mut self, msg: PublishFailed, ctx: &mut Context<Self>) {
+        self.send_error(
+            ctx,
+            ErrorCode::Unavailable,
+            &msg.message,
+            Some(&msg.client_msg_id),
+        );
+    }
+}
+
+/// Publishes one session's sends to the upstream topic, in order, keyed by conversation.
+pub(crate) async fn publish_loop<P: Producer>(
+    bus: P,
+    mut rx: mpsc::Receiver<UpstreamMessage>,
+    session: Addr<Session>,
+    stats: Arc<GatewayStats>,
+) {
+    while let Some(msg) = rx.recv().await {
+        let headers = msg.headers.clone();
+        let result = match serde_json::to_vec(&msg) {
+            Ok(payload) => bus
+                .send(UPSTREAM_TOPIC, &msg.conversation_id, payload, headers)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(()) => stats.published(),
+            Err(cause) => {
+                tracing::warn!(trace_id = %msg.trace_id, %cause, "publishing upstream failed");
+                session.do_send(PublishFailed {
+                    client_msg_id: msg.client_msg_id,
+                    message: "message could not be queued; retry later".to_owned(),
+                });
+            }
+        }
+    }
+}
+
+enum Step {
+    Wrote,
+    Gone,
+    Close(Option<CloseCmd>),
+}
+
+/// Drains the outbound queue into the socket; on a close command flushes (if asked) and sends
+/// the close frame within `grace`, then drops the socket.
+async fn write_loop(
+    mut ws: actix_ws::Session,
+    mut rx: mpsc::Receiver<Outbound>,
+    mut close_rx: oneshot::Receiver<CloseCmd>,
+    grace: Duration,
+    stats: Arc<GatewayStats>,
+) {
+    loop {
+        let step = tokio::select! {
+            biased;
+            cmd = &mut close_rx => Step::Close(cmd.ok()),
+            step = write_next(&mut ws, &mut rx, &stats) => step,
+        };
+        match step {
+            Step::Wrote => {}
+            Step::Gone | Step::Close(None) => return,
+            Step::Close(Some(cmd)) => {
+                let flush = async move {
+                    if cmd.drain {
+                        while let Ok(out) = rx.try_recv() {
+                            if write(&mut ws, out, &stats).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let _ = ws.close(cmd.reason).await;
+                };
+                let _ = tokio::time::timeout(grace, flush).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn write_next(
+    ws: &mut actix_ws::Session,
+    rx: &mut mpsc::Receiver<Outbound>,
+    stats: &GatewayStats,
+) -> Step {
+    match rx.recv().await {
+        Some(out) => match write(ws, out, stats).await {
+            Ok(()) => Step::Wrote,
+            Err(actix_ws::Closed) => Step::Gone,
+        },
+        None => Step::Gone,
+    }
+}
+
+async fn write(
+    ws: &mut actix_ws::Session,
+    out: Outbound,
+    stats: &GatewayStats,
+) -> Result<(), actix_ws::Closed> {
+    match out {
+        Outbound::Text(text) => ws.text(String::from(&*text)).await?,
+        Outbound::Pong(payload) => ws.pong(&payload).await?,
+    }
+    stats.frame_out();
+    Ok(())
+}

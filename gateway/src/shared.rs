@@ -1,0 +1,68 @@
+//! [`Shared`]: what every part of one gateway (HTTP workers, Session actors, the downstream
+//! consumer, the presence reporter) reads or updates, behind one `Arc`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use gochat_infra::ids::Snowflake;
+use gochat_infra::mq::partition_for;
+
+use crate::presence::PresenceTracker;
+use crate::registry::Registry;
+use crate::settings::GatewaySettings;
+use crate::stats::GatewayStats;
+
+/// State shared by the whole gateway.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The settings it was started with.
+    pub settings: GatewaySettings,
+    /// Counters.
+    pub stats: Arc<GatewayStats>,
+    /// Local sessions by user and by session id.
+    pub registry: Registry,
+    /// Users whose presence must be (re)reported to logic.
+    pub presence: PresenceTracker,
+    /// Session ids, envelope message ids and trace ids.
+    ids: Snowflake,
+    /// Set once shutdown began: new upgrades are refused.
+    shutting_down: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(settings: GatewaySettings, stats: Arc<GatewayStats>) -> Self {
+        // The node bits keep ids of different gateways apart (best effort: 1024 nodes).
+        let node = partition_for(&settings.gateway_id, 1024) as u16;
+        Self {
+            settings,
+            stats,
+            registry: Registry::default(),
+            presence: PresenceTracker::default(),
+            ids: Snowflake::new(node),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// A fresh id (decimal string) for envelopes.
+    pub fn next_id(&self) -> String {
+        self.ids.next_id().to_string()
+    }
+
+    /// A fresh session id: `<gateway_id>-<snowflake>`, unique across restarts of this gateway.
+    pub fn next_session_id(&self) -> String {
+        format!("{}-{}", self.settings.gateway_id, self.ids.next_id())
+    }
+
+    /// A fresh trace id: 16 hex digits.
+    pub fn next_trace_id(&self) -> String {
+        format!("{:016x}", self.ids.next_id())
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+}

@@ -1,0 +1,500 @@
+//! The WebSocket side of the gateway against a fake logic, a real MemoryBus and real clients.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::SinkExt;
+use gochat_gateway::GatewaySettings;
+use gochat_infra::wire::{DownstreamKind, DownstreamMessage, UpstreamMessage};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+fn close_code(frame: &Option<tokio_tungstenite::tungstenite::protocol::CloseFrame>) -> u16 {
+    frame
+        .as_ref()
+        .map(|f| u16::from(f.code))
+        .expect("a close frame with a code")
+}
+
+async fn refused_upgrade(url: String) -> (u16, serde_json::Value) {
+    let req = url.into_client_request().expect("request");
+    refused_request(req).await
+}
+
+async fn refused_request(
+    req: tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> (u16, serde_json::Value) {
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp.body().clone().expect("error body");
+            (
+                resp.status().as_u16(),
+                serde_json::from_slice(&body).expect("ErrorResponse JSON"),
+            )
+        }
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("upgrade was accepted"),
+    }
+}
+
+#[tokio::test]
+async fn upgrade_without_a_valid_token_is_refused_with_401() {
+    let gw = TestGateway::start(test_settings());
+    let (status, body) = refused_upgrade(format!("ws://{}/ws", gw.addr)).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["code"], 1002);
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(body["trace_id"].as_str().is_some_and(|t| !t.is_empty()));
+
+    let (status, body) = refused_upgrade(gw.ws_url("nope")).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["code"], 1002);
+
+    // A valid token in the Authorization header works.
+    let (_, token) = gw.logic.add_user("alice");
+    let mut req = format!("ws://{}/ws", gw.addr)
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connect");
+    ping_pong(&mut ws).await;
+    assert_eq!(gw.stats.snapshot().connections, 1);
+}
+
+#[tokio::test]
+async fn ping_pong_and_ws_level_ping() {
+    let gw = TestGateway::start(test_settings());
+    let (_, token) = gw.logic.add_user("alice");
+    let mut ws = connect(&gw, &token).await;
+    ping_pong(&mut ws).await;
+    ws.send(WsMessage::Ping(b"hb".to_vec().into()))
+        .await
+        .expect("ping");
+    // tungstenite consumes the Pong; the connection still answers app-level pings after it.
+    ping_pong(&mut ws).await;
+}
+
+#[tokio::test]
+async fn refused_frames_get_error_frames_and_the_connection_stays_usable() {
+    let settings = GatewaySettings {
+        max_frame_bytes: 1024,
+        max_content_chars: 10,
+        ..test_settings()
+    };
+    let gw = TestGateway::start(settings);
+    let (_, alice) = gw.logic.add_user("alice");
+    let (_, bob) = gw.logic.add_user("bob");
+    let mut a = connect_ready(&gw, &alice).await;
+    let mut b = connect_ready(&gw, &bob).await;
+    let mut upstream = gw.upstream().await;
+
+    send_text(&mut a, "{not json".into()).await;
+    let e = expect_frame(&mut a, "error").await;
+    assert_eq!(e["code"], 1001);
+
+    send_json(&mut a, json!({"type": "dance", "data": {}})).await;
+    let e = expect_frame(&mut a, "error").await;
+    assert_eq!(e["code"], 1001);
+    assert!(e["message"].as_str().expect("message").contains("dance"));
+
+    send_json(
+        &mut a,
+        json!({"type": "send-message", "data": {"conversation_id": "c"}}),
+    )
+    .await;
+    let e = expect_frame(&mut a, "error").await;
+    assert_eq!(e["code"], 1001);
+
+    // Over max_frame_bytes (but under the hard limit): refused politely.
+    send_json(
+        &mut a,
+        json!({"type": "ping", "data": {"pad": "x".repeat(2000)}}),
+    )
+    .await;
+    let e = expect_frame(&mut a, "error").await;
+    assert_eq!(e["code"], 1001);
+    assert!(e["message"].as_str().expect("message").contains("1024"));
+
+    // Over-long content (characters, not bytes) and a bad message type: 3002 with the key.
+    send_json(&mut a, send_message("s_1_2", &"é".repeat(11), "long-1")).await;
+    let e = expect_frame(&mut a, "error").await;
+    assert_eq!(e["code"], 3002);
+    assert_eq!(e["client_msg_id"], "long-1");
+    let mut bad_type = send_message("s_1_2", "hi", "type-1");
+    bad_type["data"]["message_type"] = json!(9);
+    send_json(&mut a, bad_type).await;
+    let e = expect_frame(&mut a, "error").await;
+    assert_eq!(e["code"], 3002);
+    assert_eq!(e["client_msg_id"], "type-1");
+
+    a.send(WsMessage::Binary(vec![1, 2, 3].into()))
+        .await
+        .expect("binary");
+    let e = expect_frame(&mut a, "error").await;
+    assert_eq!(e["code"], 1001);
+
+    // Still usable: a ping and a valid send (exactly 10 characters) go through.
+    ping_pong(&mut a).await;
+    send_json(&mut a, send_message("s_1_2", &"é".repeat(10), "ok-1")).await;
+    let r = next_record(&mut upstream).await;
+    let up: UpstreamMessage = serde_json::from_slice(&r.payload).expect("upstream JSON");
+    assert_eq!(
+        up.client_msg_id, "ok-1",
+        "refused sends never reach the bus"
+    );
+
+    // Another user never noticed.
+    ping_pong(&mut b).await;
+    let snap = gw.stats.snapshot();
+    assert_eq!(snap.ws_errors.get(&1001), Some(&5));
+    assert_eq!(snap.ws_errors.get(&3002), Some(&2));
+    assert_eq!(snap.closed_abuse, 0);
+}
+
+#[tokio::test]
+async fn a_frame_over_the_hard_limit_closes_with_1009() {
+    let gw = TestGateway::start(GatewaySettings {
+        max_frame_bytes: 1024,
+        ..test_settings()
+    });
+    let (_, alice) = gw.logic.add_user("alice");
+    let mut a = connect_ready(&gw, &alice).await;
+    send_text(&mut a, "x".repeat(5000)).await;
+    assert_eq!(close_code(&expect_close(&mut a).await), 1009);
+}
+
+#[tokio::test]
+async fn abuse_closes_the_connection_with_1008() {
+    let gw = TestGateway::start(GatewaySettings {
+        max_abuse: 3,
+        ..test_settings()
+    });
+    let (_, alice) = gw.logic.add_user("alice");
+    let (_, bob) = gw.logic.add_user("bob");
+    let mut a = connect_ready(&gw, &alice).await;
+    let mut b = connect_ready(&gw, &bob).await;
+    for _ in 0..3 {
+        send_text(&mut a, "garbage".into()).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(expect_frame(&mut a, "error").await["code"], 1001);
+    }
+    match next_incoming(&mut a).await {
+        Incoming::Close(frame) => assert_eq!(close_code(&frame), 1008),
+        other => panic!("expected a close, got {other:?}"),
+    }
+    ping_pong(&mut b).await;
+    gw.wait_stats("abuse close", |s| s.closed_abuse == 1 && s.connections == 1)
+        .await;
+}
+
+#[tokio::test]
+async fn send_message_is_published_upstream_keyed_by_conversation() {
+    let gw = TestGateway::start(test_settings());
+    let (alice_id, alice) = gw.logic.add_user("alice");
+    let mut upstream = gw.upstream().await;
+    let mut a = connect_ready(&gw, &alice).await;
+    send_json(&mut a, send_message("s_101_102", "hello", "c-1")).await;
+    let r = next_record(&mut upstream).await;
+    assert_eq!(r.key, "s_101_102");
+    let session = r.headers.get("session_id").expect("session header");
+    assert!(session.starts_with("gw-1-"), "{session}");
+    let trace = r.headers.get("trace_id").expect("trace header");
+    let up: UpstreamMessage = serde_json::from_slice(&r.payload).expect("upstream JSON");
+    assert_eq!(up.user_id, alice_id);
+    assert_eq!(up.gateway_id, "gw-1");
+    assert_eq!(up.conversation_id, "s_101_102");
+    assert_eq!(up.message_type, 1);
+    assert_eq!(up.content, "hello");
+    assert_eq!(up.client_msg_id, "c-1");
+    assert_eq!(&up.trace_id, trace);
+    assert_eq!(up.headers.get("session_id"), Some(session));
+    assert!(up.timestamp > 0);
+}
+
+#[tokio::test]
+async fn a_bus_failure_is_reported_as_1006() {
+    let gw = TestGateway::start(test_settings());
+    let (_, alice) = gw.logic.add_user("alice");
+    let mut a = connect_ready(&gw, &alice).await;
+    gw.bus.close();
+    send_json(&mut a, send_message("s_101_102", "hello", "c-9")).await;
+    let e = expect_frame(&mut a, "error").await;
+    assert_eq!(e["code"], 1006);
+    assert_eq!(e["client_msg_id"], "c-9");
+}
+
+#[tokio::test]
+async fn deliveries_reach_the_right_sessions() {
+    let gw = TestGateway::start(test_settings());
+    let (u, utok) = gw.logic.add_user("alice");
+    let (v, vtok) = gw.logic.add_user("bob");
+    let mut upstream = gw.upstream().await;
+    let mut a1 = connect_ready(&gw, &utok).await;
+    let mut a2 = connect_ready(&gw, &utok).await;
+    let mut b = connect_ready(&gw, &vtok).await;
+    let a1_id = session_id(&mut a1, &mut upstream, "probe-a1").await;
+    let a2_id = session_id(&mut a2, &mut upstream, "probe-a2").await;
+    assert_ne!(a1_id, a2_id);
+    // One key: the records are consumed in this order.
+    let key = "k";
+
+    // new-message to alice, not to her sending session a1.
+    let mut msg = new_message(&[&u], "s_101_102", 1);
+    msg.exclude_session = a1_id.clone();
+    gw.publish_down(key, &msg).await;
+    // ack only to a1.
+    let ack = DownstreamMessage {
+        kind: DownstreamKind::MessageAck,
+        target_user_id: u.clone(),
+        target_session: a1_id.clone(),
+        message_id: "7001".into(),
+        conversation_id: "s_101_102".into(),
+        client_msg_id: "c-1".into(),
+        seq_id: 1,
+        timestamp: 1_700_000_000_001,
+        ..DownstreamMessage::default()
+    };
+    gw.publish_down(key, &ack).await;
+    // error only to a2.
+    let error = DownstreamMessage {
+        kind: DownstreamKind::Error,
+        target_user_id: u.clone(),
+        target_session: a2_id.clone(),
+        client_msg_id: "c-2".into(),
+        error_code: 4001,
+        error_message: "not a member".into(),
+        ..DownstreamMessage::default()
+    };
+    gw.publish_down(key, &error).await;
+    // online-status about bob to alice's sessions.
+    let status = DownstreamMessage {
+        kind: DownstreamKind::OnlineStatus,
+        targets: vec![u.clone()],
+        sender_id: v.clone(),
+        is_online: true,
+        timestamp: 1_700_000_000_005,
+        ..DownstreamMessage::default()
+    };
+    gw.publish_down(key, &status).await;
+    // broadcast to everyone.
+    let mut world = new_message(&[], "world", 1);
+    world.broadcast = true;
+    gw.publish_down(key, &world).await;
+
+    // a1: ack, online-status, world (the new-message was excluded, the error was a2's).
+    let ack = expect_frame(&mut a1, "message-ack").await;
+    assert_eq!(
+        ack,
+        json!({"client_msg_id": "c-1", "message_id": "7001", "conversation_id": "s_101_102",
+               "seq_id": 1, "timestamp": 1_700_000_000_001i64})
+    );
+    let st = expect_frame(&mut a1, "online-status").await;
+    assert_eq!(
+        st,
+        json!({"user_id": v, "is_online": true, "timestamp": 1_700_000_000_005i64})
+    );
+    assert_eq!(
+        expect_frame(&mut a1, "new-message").await["conversation_id"],
+        "world"
+    );
+
+    // a2: new-message, error, online-status, world.
+    let nm = expect_frame(&mut a2, "new-message").await;
+    assert_eq!(
+        nm,
+        json!({"message_id": "7001", "conversation_id": "s_101_102", "sender_id": "999",
+               "message_type": 1, "content": "hello 1", "seq_id": 1,
+               "timestamp": 1_700_000_000_001i64})
+    );
+    let e = expect_frame(&mut a2, "error").await;
+    assert_eq!(
+        e,
+        json!({"code": 4001, "message": "not a member", "client_msg_id": "c-2"})
+    );
+    expect_frame(&mut a2, "online-status").await;
+    assert_eq!(
+        expect_frame(&mut a2, "new-message").await["conversation_id"],
+        "world"
+    );
+
+    // b: only the broadcast.
+    assert_eq!(
+        expect_frame(&mut b, "new-message").await["conversation_id"],
+        "world"
+    );
+}
+
+#[tokio::test]
+async fn redelivered_seqs_are_dropped_and_malformed_records_skipped() {
+    let gw = TestGateway::start(test_settings());
+    let (u, utok) = gw.logic.add_user("alice");
+    let mut a = connect_ready(&gw, &utok).await;
+    for seq in [1, 2, 2, 1] {
+        gw.publish_down("k", &new_message(&[&u], "g_5", seq)).await;
+    }
+    gw.publish_raw_down("k", b"{not json").await;
+    gw.publish_down("k", &new_message(&[&u], "g_5", 3)).await;
+    gw.publish_down("k", &new_message(&[&u], "g_6", 1)).await;
+    for (conversation, seq) in [("g_5", 1), ("g_5", 2), ("g_5", 3), ("g_6", 1)] {
+        let nm = expect_frame(&mut a, "new-message").await;
+        assert_eq!(
+            (nm["conversation_id"].as_str(), nm["seq_id"].as_i64()),
+            (Some(conversation), Some(seq))
+        );
+    }
+    let snap = gw.stats.snapshot();
+    assert_eq!(snap.duplicates_dropped, 2);
+    assert_eq!(snap.downstream_malformed, 1);
+}
+
+#[tokio::test]
+async fn presence_is_reported_on_first_open_and_last_close() {
+    let gw = TestGateway::start(test_settings());
+    let (u, utok) = gw.logic.add_user("alice");
+    let connected = format!("UserConnected:{u}:gw-1");
+    let disconnected = format!("UserDisconnected:{u}:gw-1");
+    let presence = |calls: &[String]| -> Vec<String> {
+        calls
+            .iter()
+            .filter(|c| c.starts_with("User"))
+            .cloned()
+            .collect()
+    };
+
+    let mut a1 = connect_ready(&gw, &utok).await;
+    gw.wait_calls("UserConnected", |c| c.contains(&connected))
+        .await;
+    let mut a2 = connect_ready(&gw, &utok).await;
+    a1.close(None).await.expect("close");
+    assert!(matches!(expect_close(&mut a1).await, Some(_) | None));
+    gw.wait_stats("one session left", |s| s.connections == 1)
+        .await;
+    ping_pong(&mut a2).await;
+    a2.close(None).await.expect("close");
+    let calls = gw
+        .wait_calls("UserDisconnected", |c| c.contains(&disconnected))
+        .await;
+    assert_eq!(presence(&calls), vec![connected, disconnected]);
+}
+
+#[tokio::test]
+async fn presence_is_refreshed_periodically() {
+    let gw = TestGateway::start(GatewaySettings {
+        presence_ttl: Duration::from_secs(3),
+        ..test_settings()
+    });
+    let (u, utok) = gw.logic.add_user("alice");
+    let _a = connect_ready(&gw, &utok).await;
+    let refresh = format!("RefreshPresence:{u}");
+    gw.wait_calls("RefreshPresence", |c| c.contains(&refresh))
+        .await;
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_the_heartbeat_timeout() {
+    let gw = TestGateway::start(GatewaySettings {
+        heartbeat_timeout: Duration::from_millis(300),
+        heartbeat_check_interval: Duration::from_millis(50),
+        ..test_settings()
+    });
+    let (_, utok) = gw.logic.add_user("alice");
+    let mut a = connect_ready(&gw, &utok).await;
+    let frame = expect_close(&mut a).await;
+    assert_eq!(close_code(&frame), 1000);
+    assert_eq!(frame.expect("frame").reason.as_str(), "heartbeat timeout");
+    gw.wait_stats("heartbeat close", |s| s.closed_heartbeat == 1)
+        .await;
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_is_closed_and_others_keep_receiving() {
+    let gw = TestGateway::start(GatewaySettings {
+        outbound_queue: 8,
+        ..test_settings()
+    });
+    let (slow_id, slow_tok) = gw.logic.add_user("slow");
+    let (fast_id, fast_tok) = gw.logic.add_user("fast");
+
+    // A client with a tiny receive buffer, so the server's writes back up quickly.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let stream = socket.connect(gw.addr).await.expect("connect");
+    let (mut slow, _) = tokio_tungstenite::client_async(
+        gw.ws_url(&slow_tok),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .expect("handshake");
+    ping_pong(&mut slow).await;
+    let mut fast = connect_ready(&gw, &fast_tok).await;
+
+    // Flood the slow client (it never reads) until the gateway gives up on it.
+    let big = "x".repeat(16 * 1024);
+    let mut seq = 0;
+    while gw.stats.snapshot().closed_slow == 0 {
+        seq += 1;
+        assert!(seq < 20_000, "the slow client was never closed");
+        let mut msg = new_message(&[&slow_id], "s_1_2", seq);
+        msg.content = big.clone();
+        gw.publish_down(&slow_id, &msg).await;
+        if seq % 16 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    gw.wait_stats("slow session gone", |s| s.connections == 1)
+        .await;
+
+    // The other client is unaffected.
+    gw.publish_down(&fast_id, &new_message(&[&fast_id], "s_1_3", 1))
+        .await;
+    let nm = expect_frame(&mut fast, "new-message").await;
+    assert_eq!(nm["seq_id"], 1);
+    ping_pong(&mut fast).await;
+
+    // If the close frame made it out behind the backlog, it says 1013.
+    if let Some(frame) = expect_close(&mut slow).await {
+        assert_eq!(u16::from(frame.code), 1013);
+    }
+}
+
+#[tokio::test]
+async fn shutdown_closes_sessions_with_1001_and_reports_users_offline() {
+    let gw = TestGateway::start(test_settings());
+    let (u, utok) = gw.logic.add_user("alice");
+    let (v, vtok) = gw.logic.add_user("bob");
+    let mut a = connect_ready(&gw, &utok).await;
+    let mut b = connect_ready(&gw, &vtok).await;
+    gw.wait_calls("both online", |c| {
+        c.contains(&format!("UserConnected:{u}:gw-1"))
+            && c.contains(&format!("UserConnected:{v}:gw-1"))
+    })
+    .await;
+    let logic = gw.logic.clone();
+    let closes = async {
+        let fa = expect_close(&mut a).await;
+        let fb = expect_close(&mut b).await;
+        (fa, fb)
+    };
+    let (stopped, (fa, fb)) = tokio::join!(gw.stop(), closes);
+    stopped.expect("run returned an error");
+    assert_eq!(close_code(&fa), 1001);
+    assert_eq!(close_code(&fb), 1001);
+    let calls = logic.calls();
+    assert!(
+        calls.contains(&format!("UserDisconnected:{u}:gw-1")),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&format!("UserDisconnected:{v}:gw-1")),
+        "{calls:?}"
+    );
+}
