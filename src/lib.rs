@@ -2,19 +2,28 @@
 //! in-process bus, the in-process cache), calling each other in-process through the same
 //! service traits the distributed mode reaches over gRPC.
 //!
-//! [`serve`] opens (and migrates) the database, starts logic's upstream consumer and the task
-//! service on the bus, and runs the gateway's HTTP + WebSocket server on the given listener until
-//! the shutdown future resolves. It must run inside an actix `System` (the gateway and the
-//! actors need one); `main` and the tests provide it.
+//! [`serve`] installs the process's metrics recorder, opens (and migrates) the database, starts
+//! logic's upstream consumer and the task service on the bus, and runs the gateway's HTTP +
+//! WebSocket server on the given listener until the shutdown future resolves. The same listener
+//! serves `/metrics` and, with an admin token, `/admin` and `/admin/actors`, fed by
+//! [`ServeAdmin`]; a sampler records bus lag every second. It must run inside an actix `System`
+//! (the gateway and the actors need one); `main` and the tests provide it.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use gochat_gateway::{AdminSource, BusyConversation};
 use gochat_infra::config::Config;
 use gochat_infra::mq::memory::{MemoryBus, MemoryBusConfig};
+use gochat_infra::telemetry::{self, PrometheusHandle};
+use gochat_infra::wire::{TASK_TOPIC, UPSTREAM_TOPIC, downstream_topic};
 use gochat_logic::{Logic, LogicSettings};
+use gochat_repo::Repo;
+use gochat_task::TaskStats;
 
 /// Everything `serve` needs besides the configuration.
 #[derive(Debug)]
@@ -104,7 +113,118 @@ pub fn gateway_settings(config: &Config) -> gochat_gateway::GatewaySettings {
         presence_ttl: Duration::from_secs(config.repo.presence_ttl_secs.max(3)),
         downstream_partitions: config.bus.partitions,
         workers: config.gateway.workers,
+        admin_token: config.admin.token.clone(),
         ..gochat_gateway::GatewaySettings::default()
+    }
+}
+
+/// The consumer groups of one `serve` process and the topic each reads: logic on the upstream
+/// topic, task on the task topic, the gateway on its downstream topic.
+#[derive(Debug, Clone)]
+pub struct BusLag {
+    bus: MemoryBus,
+    /// (group, topic).
+    groups: Vec<(String, String)>,
+}
+
+impl BusLag {
+    /// The groups of `serve` with gateway `gateway_id`.
+    pub fn new(bus: MemoryBus, gateway_id: &str) -> Self {
+        Self {
+            bus,
+            groups: vec![
+                (
+                    gochat_logic::upstream::GROUP.to_owned(),
+                    UPSTREAM_TOPIC.to_owned(),
+                ),
+                (
+                    gochat_task::CONSUMER_GROUP.to_owned(),
+                    TASK_TOPIC.to_owned(),
+                ),
+                (
+                    gochat_gateway::consumer_group(gateway_id),
+                    downstream_topic(gateway_id),
+                ),
+            ],
+        }
+    }
+
+    /// Records not yet committed, by group.
+    pub fn read(&self) -> BTreeMap<String, u64> {
+        self.groups
+            .iter()
+            .map(|(group, topic)| (group.clone(), self.bus.lag(group, topic)))
+            .collect()
+    }
+
+    /// Every second until `stop`: sets `gochat_bus_consumer_lag` for each group and folds the
+    /// histogram samples recorded since into their buckets (`run_upkeep`).
+    pub async fn sample(self, metrics: PrometheusHandle, stop: impl Future<Output = ()>) {
+        let gauges: Vec<_> = self
+            .groups
+            .iter()
+            .map(|(group, topic)| {
+                metrics::gauge!(telemetry::BUS_LAG, "group" => group.clone(), "topic" => topic.clone())
+            })
+            .collect();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = tick.tick() => {}
+            }
+            for ((group, topic), gauge) in self.groups.iter().zip(&gauges) {
+                gauge.set(self.bus.lag(group, topic) as f64);
+            }
+            metrics.run_upkeep();
+        }
+    }
+}
+
+/// What `/admin/actors` reads from the services of one `serve` process: logic's Conversation
+/// actors, the task service's Fanout actors and the bus.
+pub struct ServeAdmin {
+    /// Conversation actors and their load.
+    pub logic: Logic<Repo, MemoryBus>,
+    /// Fanout actors.
+    pub task: Arc<TaskStats>,
+    /// Lag of the consumer groups.
+    pub lag: BusLag,
+}
+
+impl std::fmt::Debug for ServeAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeAdmin")
+            .field("lag", &self.lag)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminSource for ServeAdmin {
+    fn conversation_actors(&self) -> u64 {
+        self.logic.conversation_actors() as u64
+    }
+
+    fn fanout_actors(&self) -> u64 {
+        self.task.fanout_actors()
+    }
+
+    fn busiest_conversations(&self, limit: usize) -> Vec<BusyConversation> {
+        self.logic
+            .busiest(limit)
+            .into_iter()
+            .map(|c| BusyConversation {
+                conversation_id: c.conversation_id,
+                queued: c.queued,
+                messages_per_sec: c.messages_per_sec,
+            })
+            .collect()
+    }
+
+    fn bus_lag(&self) -> BTreeMap<String, u64> {
+        self.lag.read()
     }
 }
 
@@ -115,6 +235,7 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let metrics = telemetry::install();
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("creating {}", options.data_dir.display()))?;
     let secret = jwt_secret(config, &options.data_dir)?;
@@ -139,18 +260,29 @@ pub async fn serve(
         let rx = stop_rx.clone();
         actix_rt::spawn(async move { logic.run_upstream(partitions, stopped(rx)).await })
     };
-    let task = {
-        let settings = gochat_task::TaskSettings {
+    let task_service = gochat_task::TaskService::new(
+        gochat_task::TaskSettings {
             task_partitions: config.bus.partitions,
             ..gochat_task::TaskSettings::default()
-        };
-        let gateways = gochat_task::StaticGateways::new(vec![config.gateway.id.clone()]);
+        },
+        repo.clone(),
+        bus.clone(),
+        gochat_task::StaticGateways::new(vec![config.gateway.id.clone()]),
+    );
+    let task_stats = task_service.stats();
+    let task = {
         let rx = stop_rx.clone();
-        let bus = bus.clone();
-        let repo = repo.clone();
-        actix_rt::spawn(async move {
-            gochat_task::run(settings, repo, bus, gateways, stopped(rx)).await
-        })
+        actix_rt::spawn(async move { task_service.run(stopped(rx)).await })
+    };
+    let lag = BusLag::new(bus.clone(), &config.gateway.id);
+    let sampler = actix_rt::spawn(
+        lag.clone()
+            .sample(metrics.clone(), stopped(stop_rx.clone())),
+    );
+    let admin = ServeAdmin {
+        logic: logic.clone(),
+        task: task_stats,
+        lag,
     };
 
     tracing::info!(
@@ -158,14 +290,11 @@ pub async fn serve(
         data_dir = %options.data_dir.display(),
         "gochat serving HTTP and WebSocket"
     );
-    let served = gochat_gateway::run(
-        gateway_settings(config),
-        logic,
-        bus.clone(),
-        options.listener,
-        shutdown,
-    )
-    .await;
+    let served = gochat_gateway::Gateway::new(gateway_settings(config), logic, bus.clone())
+        .with_metrics(metrics)
+        .with_admin(Arc::new(admin))
+        .run(options.listener, shutdown)
+        .await;
 
     // The gateway is down: let the consumers finish what they hold, then close the bus.
     let _ = stop_tx.send(true);
@@ -180,6 +309,7 @@ pub async fn serve(
         Err(_) => tracing::warn!("task service did not finish within the grace period"),
         _ => {}
     }
+    let _ = sampler.await;
     bus.close();
     served.context("gateway")?;
     tracing::info!("gochat stopped");

@@ -44,6 +44,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = Config::load(cli.config.as_deref())?;
     init_tracing(&config);
+    raise_open_file_limit();
     if let Command::Serve { listen } = &cli.command {
         if let Some(l) = listen {
             config.gateway.listen = l.clone();
@@ -86,6 +87,15 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// Every WebSocket is a file descriptor: lift the soft limit to the hard one so a server can hold
+/// as many connections as the machine allows (the hard limit stays the operator's choice).
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "open file limit"),
+        Err(err) => tracing::warn!(cause = %err, "cannot raise the open file limit"),
+    }
 }
 
 fn init_tracing(config: &Config) {

@@ -415,13 +415,25 @@ async fn four_senders_into_one_group_arrive_in_order() {
             ws
         }));
     }
+    // Every listener reads concurrently: a client that stops reading is (rightly) closed as
+    // too slow once its outbound queue fills.
     let total = 4 * per;
-    for (n, mut l) in listeners.into_iter().enumerate() {
-        let mut seqs = Vec::with_capacity(total);
-        while seqs.len() < total {
-            let f = l.next_of("new-message").await;
-            seqs.push(f["data"]["seq_id"].as_i64().expect("seq"));
-        }
+    let readers: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(n, mut l)| {
+            tokio::spawn(async move {
+                let mut seqs = Vec::with_capacity(total);
+                while seqs.len() < total {
+                    let f = l.next_of("new-message").await;
+                    seqs.push(f["data"]["seq_id"].as_i64().expect("seq"));
+                }
+                (n, seqs)
+            })
+        })
+        .collect();
+    for r in readers {
+        let (n, seqs) = r.await.expect("reader");
         assert_eq!(
             seqs,
             (1..=i64::try_from(total).expect("n")).collect::<Vec<_>>(),

@@ -1,4 +1,5 @@
-//! The HTTP API of the client contract (`/api/v1/...`), `/healthz` and the route table.
+//! The HTTP API of the client contract (`/api/v1/...`), `/healthz` and the route table (the
+//! operator routes `/metrics`, `/admin` and `/admin/actors` are in `admin`).
 //!
 //! Each handler authenticates (bearer token -> logic `ValidateToken`), calls one logic RPC
 //! in-process through [`LogicApi`], and maps the proto answer to the contract's JSON. Failures
@@ -26,6 +27,7 @@ use actix_web::middleware::Next;
 use actix_web::{FromRequest, HttpMessage, HttpRequest, HttpResponse, web};
 use gochat_infra::ErrorCode;
 use gochat_infra::mq::Bus;
+use gochat_infra::telemetry;
 use gochat_proto::logic::ValidateTokenRequest;
 use gochat_proto::logic::auth_service_server::AuthService;
 use tracing::Instrument;
@@ -84,7 +86,7 @@ fn incoming_trace_id(req: &ServiceRequest) -> Option<String> {
     ok.then(|| value.to_owned())
 }
 
-/// Middleware: trace id, span, `X-Trace-Id` header, error counters.
+/// Middleware: trace id, span, `X-Trace-Id` header, error counters, request duration.
 pub(crate) async fn trace_layer(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
@@ -95,7 +97,11 @@ pub(crate) async fn trace_layer(
         .unwrap_or_default();
     req.extensions_mut().insert(TraceId(trace_id.clone()));
     let span = tracing::info_span!("http", trace_id = %trace_id, method = %req.method(), path = %req.path());
+    let started = std::time::Instant::now();
     let mut res = next.call(req).instrument(span).await?;
+    let class = telemetry::status_class(res.status().as_u16());
+    metrics::histogram!(telemetry::HTTP_REQUEST_SECONDS, "status" => class)
+        .record(started.elapsed().as_secs_f64());
     if let (Some(shared), Some(err)) = (
         shared,
         res.response()
@@ -264,6 +270,21 @@ pub(crate) fn configure<L: LogicApi, B: Bus>(cfg: &mut web::ServiceConfig, max_b
     .service(
         resource("/ws")
             .route(get().to(crate::ws::upgrade::<L, B>))
+            .default_service(not_allowed()),
+    )
+    .service(
+        resource("/metrics")
+            .route(get().to(crate::admin::metrics))
+            .default_service(not_allowed()),
+    )
+    .service(
+        resource("/admin")
+            .route(get().to(crate::admin::page))
+            .default_service(not_allowed()),
+    )
+    .service(
+        resource("/admin/actors")
+            .route(get().to(crate::admin::actors))
             .default_service(not_allowed()),
     )
     .service(

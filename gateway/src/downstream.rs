@@ -107,7 +107,8 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
         tracing::debug_span!("downstream", trace_id = %msg.trace_id, kind = ?msg.kind).entered();
     let registry = &shared.registry;
     let now = now_ms();
-    let frame = |text: String, seq: Option<(Arc<str>, i64)>| Delivery {
+    let frame = |kind: &'static str, text: String, seq: Option<(Arc<str>, i64)>| Delivery {
+        kind,
         text: text.into(),
         seq,
     };
@@ -120,6 +121,7 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
                 now,
             );
             let delivery = frame(
+                frames::NEW_MESSAGE,
                 text,
                 Some((msg.conversation_id.as_str().into(), msg.seq_id)),
             );
@@ -144,7 +146,7 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
                 MessageAckData::from(&msg),
                 now,
             );
-            to_target_session(shared, &msg, frame(text, None));
+            to_target_session(shared, &msg, frame(frames::MESSAGE_ACK, text, None));
         }
         DownstreamKind::Error => {
             let data = ErrorData {
@@ -156,7 +158,7 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
                 shared.stats.ws_error(code);
             }
             let text = server_frame(frames::ERROR, shared.next_id(), data, now);
-            to_target_session(shared, &msg, frame(text, None));
+            to_target_session(shared, &msg, frame(frames::ERROR, text, None));
         }
         DownstreamKind::OnlineStatus => {
             let data = OnlineStatusData {
@@ -169,7 +171,7 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
                 },
             };
             let text = server_frame(frames::ONLINE_STATUS, shared.next_id(), data, now);
-            let delivery = frame(text, None);
+            let delivery = frame(frames::ONLINE_STATUS, text, None);
             let offer = |h: &SessionHandle| h.deliver(delivery.clone());
             if msg.broadcast {
                 registry.for_each(offer);

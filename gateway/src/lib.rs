@@ -19,9 +19,16 @@
 //!   the last one's close `UserDisconnected`, and all local users are refreshed every third of
 //!   the presence ttl.
 //!
+//! - **Operators** (`admin`): `GET /metrics` renders the process's Prometheus recorder (given
+//!   with [`Gateway::with_metrics`]); `GET /admin/actors` and `GET /admin` report actors, slow
+//!   sessions and bus lag, with what lies outside the gateway coming from an [`AdminSource`]
+//!   ([`Gateway::with_admin`]), behind the admin token.
+//!
 //! The gateway never touches a database: logic through the four logic service traits, the bus
-//! through [`Bus`]. See `docs/protocol-client.md` for the wire protocol.
+//! through [`Bus`]. See `docs/protocol-client.md` for the wire protocol and `docs/operations.md`
+//! for the metrics and the admin endpoints.
 
+mod admin;
 mod api;
 mod downstream;
 mod frames;
@@ -35,21 +42,24 @@ mod ws;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::{App, HttpServer, middleware, web};
 use gochat_infra::mq::Bus;
+use gochat_infra::telemetry::PrometheusHandle;
 use gochat_proto::logic::auth_service_server::AuthService;
 use gochat_proto::logic::conversation_service_server::ConversationService;
 use gochat_proto::logic::group_service_server::GroupService;
 use gochat_proto::logic::presence_service_server::PresenceService;
 use tokio_util::sync::CancellationToken;
 
+pub use admin::{AdminSource, BusyConversation};
 pub use api::{TRACE_HEADER, TRACE_METADATA_KEY};
 pub use downstream::consumer_group;
 pub use settings::GatewaySettings;
 pub use stats::{CloseCause, GatewayStats, StatsSnapshot};
 
+use crate::admin::AdminState;
 use crate::api::ApiState;
 use crate::shared::Shared;
 
@@ -73,12 +83,26 @@ impl<T> LogicApi for T where
 }
 
 /// A gateway ready to run; [`Gateway::stats`] reads its counters while it runs.
-#[derive(Debug)]
 pub struct Gateway<L, B> {
     settings: GatewaySettings,
     logic: L,
     bus: B,
     stats: Arc<GatewayStats>,
+    /// Renders `/metrics` (none: 404).
+    metrics: Option<PrometheusHandle>,
+    /// Feeds the admin routes (none: 404).
+    admin: Option<Arc<dyn AdminSource>>,
+}
+
+impl<L, B> std::fmt::Debug for Gateway<L, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("settings", &self.settings)
+            .field("stats", &self.stats)
+            .field("metrics", &self.metrics.is_some())
+            .field("admin", &self.admin.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<L: LogicApi, B: Bus> Gateway<L, B> {
@@ -89,7 +113,23 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
             logic,
             bus,
             stats: Arc::new(GatewayStats::default()),
+            metrics: None,
+            admin: None,
         }
+    }
+
+    /// Serves `GET /metrics` from `handle` (the process's recorder, see
+    /// `gochat_infra::telemetry::install`).
+    pub fn with_metrics(mut self, handle: PrometheusHandle) -> Self {
+        self.metrics = Some(handle);
+        self
+    }
+
+    /// Serves `GET /admin/actors` and `GET /admin` with data from `source` (only when
+    /// `settings.admin_token` is set).
+    pub fn with_admin(mut self, source: Arc<dyn AdminSource>) -> Self {
+        self.admin = Some(source);
+        self
     }
 
     /// The gateway's counters (live).
@@ -110,7 +150,15 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
             logic,
             bus,
             stats,
+            metrics,
+            admin,
         } = self;
+        let admin_data = web::Data::new(AdminState {
+            token: settings.admin_token.clone(),
+            source: admin,
+            metrics,
+            started: Instant::now(),
+        });
         let workers = settings.workers;
         let grace = settings.shutdown_grace;
         let close_grace = settings.close_grace;
@@ -140,6 +188,7 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
                 .app_data(api_state.clone())
                 .app_data(shared_data.clone())
                 .app_data(bus_data.clone())
+                .app_data(admin_data.clone())
                 .configure(|cfg| api::configure::<L, B>(cfg, max_body))
                 .wrap(middleware::from_fn(api::trace_layer))
         })

@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use crate::session::{CloseSession, Delivery, Session};
+use crate::session::{CloseSession, Delivery, Outbound, Session};
 use crate::stats::CloseCause;
 
 /// How the rest of the gateway reaches one Session actor.
@@ -26,6 +26,8 @@ pub(crate) struct SessionHandle {
     pub user_id: Arc<str>,
     /// Bounded queue of deliveries into the actor.
     deliveries: mpsc::Sender<Delivery>,
+    /// The session's outbound queue (weak: the session owns it), read for its depth.
+    outbound: mpsc::WeakSender<Outbound>,
     /// The actor's mailbox, for control messages (close).
     control: Addr<Session>,
     /// Set once the session was told to close, so a flood of failed deliveries sends one
@@ -47,12 +49,14 @@ impl SessionHandle {
         id: Arc<str>,
         user_id: Arc<str>,
         deliveries: mpsc::Sender<Delivery>,
+        outbound: mpsc::WeakSender<Outbound>,
         control: Addr<Session>,
     ) -> Self {
         Self {
             id,
             user_id,
             deliveries,
+            outbound,
             control,
             doomed: Arc::new(AtomicBool::new(false)),
         }
@@ -68,6 +72,18 @@ impl SessionHandle {
             }
             Err(TrySendError::Closed(_)) => {}
         }
+    }
+
+    /// Frames waiting for this session: deliveries not yet taken by the actor plus frames not
+    /// yet written to the socket.
+    pub fn queued(&self) -> usize {
+        let waiting = |max: usize, free: usize| max.saturating_sub(free);
+        let deliveries = waiting(self.deliveries.max_capacity(), self.deliveries.capacity());
+        let outbound = self
+            .outbound
+            .upgrade()
+            .map_or(0, |out| waiting(out.max_capacity(), out.capacity()));
+        deliveries + outbound
     }
 
     /// Asks the session to close (once; later requests are ignored).
@@ -99,29 +115,30 @@ impl fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// Adds a session; true when it is the user's first local session.
-    pub fn insert(&self, handle: SessionHandle) -> bool {
+    /// Adds a session; returns how many local sessions its user has now (1: the first).
+    pub fn insert(&self, handle: SessionHandle) -> usize {
         self.sessions.fetch_add(1, Ordering::Relaxed);
         self.by_session
             .insert(Arc::clone(&handle.id), handle.clone());
         let mut sessions = self.by_user.entry(Arc::clone(&handle.user_id)).or_default();
         sessions.push(handle);
-        sessions.len() == 1
+        sessions.len()
     }
 
-    /// Removes a session; true when it was the user's last local session.
-    pub fn remove(&self, user_id: &str, session_id: &str) -> bool {
-        let last = self
-            .by_user
-            .remove_if_mut(user_id, |_, sessions| {
-                sessions.retain(|h| &*h.id != session_id);
-                sessions.is_empty()
-            })
-            .is_some();
+    /// Removes a session; returns how many local sessions its user had before and has after
+    /// (after 0: it was the last).
+    pub fn remove(&self, user_id: &str, session_id: &str) -> (usize, usize) {
+        let mut counts = (0, 0);
+        self.by_user.remove_if_mut(user_id, |_, sessions| {
+            let before = sessions.len();
+            sessions.retain(|h| &*h.id != session_id);
+            counts = (before, sessions.len());
+            sessions.is_empty()
+        });
         if self.by_session.remove(session_id).is_some() {
             self.sessions.fetch_sub(1, Ordering::Relaxed);
         }
-        last
+        counts
     }
 
     /// Open sessions.

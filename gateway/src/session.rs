@@ -39,7 +39,10 @@ use crate::frames::{
 };
 use crate::registry::SessionHandle;
 use crate::shared::Shared;
-use crate::stats::{CloseCause, GatewayStats};
+use crate::stats::{
+    CAUSE_CLIENT, CloseCause, FRAME_BINARY, FRAME_CLOSE, FRAME_INVALID, FRAME_WS_PING,
+    FRAME_WS_PONG, GatewayStats,
+};
 
 /// Conversations whose last delivered seq a session remembers; past this the memory is reset
 /// (duplicate suppression is best effort beyond it; clients dedupe by seq anyway).
@@ -51,6 +54,8 @@ pub(crate) const HEADER_TRACE: &str = "trace_id";
 /// A frame for one or many sessions, serialized once.
 #[derive(Debug, Clone)]
 pub(crate) struct Delivery {
+    /// The envelope's type (a `frames` constant), for metrics.
+    pub kind: &'static str,
     /// The whole envelope.
     pub text: Arc<str>,
     /// For `new-message`: (conversation, seq), for duplicate suppression.
@@ -75,8 +80,10 @@ pub(crate) struct PublishFailed {
 
 /// What the writer task writes.
 #[derive(Debug)]
-enum Outbound {
-    Text(Arc<str>),
+pub(crate) enum Outbound {
+    /// An envelope and its type.
+    Text(Arc<str>, &'static str),
+    /// A WebSocket-level pong.
     Pong(Bytes),
 }
 
@@ -107,6 +114,8 @@ pub(crate) struct Session {
     /// Last seq delivered per conversation.
     delivered: HashMap<Arc<str>, i64>,
     closing: bool,
+    /// Why the gateway closed it (`None`: the client did), for the disconnect metric.
+    cause: Option<CloseCause>,
     span: tracing::Span,
 }
 
@@ -164,6 +173,7 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
             abuse_since: now,
             delivered: HashMap::new(),
             closing: false,
+            cause: None,
             span,
         }
     })
@@ -179,11 +189,15 @@ impl Actor for Session {
                 Arc::clone(&self.id),
                 Arc::clone(&self.user_id),
                 deliveries,
+                self.out.downgrade(),
                 ctx.address(),
             );
-            let first = self.shared.registry.insert(handle);
+            let sessions = self.shared.registry.insert(handle);
+            self.shared
+                .stats
+                .user_sessions_changed(sessions.saturating_sub(1), sessions);
             self.shared.presence.mark(&self.user_id);
-            tracing::debug!(first_local_session = first, "session opened");
+            tracing::debug!(first_local_session = sessions == 1, "session opened");
         }
         self.shared.stats.session_opened();
         let every = self
@@ -206,9 +220,12 @@ impl Actor for Session {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         let _g = self.span.clone().entered();
-        let last = self.shared.registry.remove(&self.user_id, &self.id);
+        let (before, after) = self.shared.registry.remove(&self.user_id, &self.id);
+        self.shared.stats.user_sessions_changed(before, after);
+        let last = before > 0 && after == 0;
         self.shared.presence.mark(&self.user_id);
-        self.shared.stats.session_closed();
+        let cause = self.cause.map_or(CAUSE_CLIENT, CloseCause::as_str);
+        self.shared.stats.session_closed(cause);
         tracing::debug!(last_local_session = last, "session closed");
     }
 }
@@ -241,6 +258,7 @@ impl Session {
             return;
         }
         self.closing = true;
+        self.cause = cause;
         if let Some(cause) = cause {
             self.shared.stats.closed(cause);
             tracing::info!(?cause, reason = ?reason, "closing session");
@@ -257,7 +275,10 @@ impl Session {
             return;
         }
         match self.out.try_send(out) {
-            Ok(()) => {}
+            Ok(()) => {
+                let depth = self.out.max_capacity() - self.out.capacity();
+                self.shared.stats.outbound_depth(depth);
+            }
             Err(mpsc::error::TrySendError::Full(_)) => self.close(
                 ctx,
                 CloseCode::Again,
@@ -273,9 +294,14 @@ impl Session {
         }
     }
 
-    fn send_frame<T: serde::Serialize>(&mut self, ctx: &mut Context<Self>, kind: &str, data: T) {
+    fn send_frame<T: serde::Serialize>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        kind: &'static str,
+        data: T,
+    ) {
         let text = server_frame(kind, self.shared.next_id(), data, now_ms());
-        self.push(ctx, Outbound::Text(text.into()));
+        self.push(ctx, Outbound::Text(text.into(), kind));
     }
 
     fn send_error(
@@ -322,13 +348,23 @@ impl Session {
                 "frame of {} bytes exceeds the {max} byte limit",
                 text.len()
             ));
+            self.shared.stats.frame_in(FRAME_INVALID);
             return self.refuse(ctx, err);
         }
         match parse_client_frame(text, self.shared.settings.max_content_chars) {
-            Ok(ClientFrame::Ping) => self.send_frame(ctx, frames::PONG, Empty {}),
-            Ok(ClientFrame::Pong) => {}
-            Ok(ClientFrame::Send(msg)) => self.publish(ctx, msg),
-            Err(err) => self.refuse(ctx, err),
+            Ok(ClientFrame::Ping) => {
+                self.shared.stats.frame_in(frames::PING);
+                self.send_frame(ctx, frames::PONG, Empty {});
+            }
+            Ok(ClientFrame::Pong) => self.shared.stats.frame_in(frames::PONG),
+            Ok(ClientFrame::Send(msg)) => {
+                self.shared.stats.frame_in(frames::SEND_MESSAGE);
+                self.publish(ctx, msg);
+            }
+            Err(err) => {
+                self.shared.stats.frame_in(FRAME_INVALID);
+                self.refuse(ctx, err);
+            }
         }
     }
 
@@ -373,19 +409,30 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
             return;
         }
         let _g = self.span.clone().entered();
-        self.last_seen = Instant::now();
-        self.shared.stats.frame_in();
+        let started = Instant::now();
+        self.last_seen = started;
+        let stats = Arc::clone(&self.shared.stats);
         match item {
             Ok(AggregatedMessage::Text(text)) => self.on_text(ctx, &text),
-            Ok(AggregatedMessage::Binary(_)) => self.refuse(
-                ctx,
-                FrameError::invalid("binary frames are not supported; send JSON text frames"),
-            ),
-            Ok(AggregatedMessage::Ping(payload)) => self.push(ctx, Outbound::Pong(payload)),
-            Ok(AggregatedMessage::Pong(_)) => {}
+            Ok(AggregatedMessage::Binary(_)) => {
+                stats.frame_in(FRAME_BINARY);
+                self.refuse(
+                    ctx,
+                    FrameError::invalid("binary frames are not supported; send JSON text frames"),
+                );
+            }
+            Ok(AggregatedMessage::Ping(payload)) => {
+                stats.frame_in(FRAME_WS_PING);
+                self.push(ctx, Outbound::Pong(payload));
+            }
+            Ok(AggregatedMessage::Pong(_)) => stats.frame_in(FRAME_WS_PONG),
             // Echo the client's close (RFC 6455 §5.5.1).
-            Ok(AggregatedMessage::Close(reason)) => self.close_with(ctx, reason, None, false),
+            Ok(AggregatedMessage::Close(reason)) => {
+                stats.frame_in(FRAME_CLOSE);
+                self.close_with(ctx, reason, None, false);
+            }
             Err(err) => {
+                stats.frame_in(FRAME_INVALID);
                 let (code, reason) = match &err {
                     ProtocolError::Overflow => (CloseCode::Size, "frame too large"),
                     ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -400,6 +447,7 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
                 self.close(ctx, code, reason, Some(CloseCause::Protocol), false);
             }
         }
+        stats.handled(started.elapsed());
     }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
@@ -414,6 +462,19 @@ impl StreamHandler<Delivery> for Session {
         if self.closing {
             return;
         }
+        let started = Instant::now();
+        self.deliver(ctx, delivery);
+        self.shared.stats.handled(started.elapsed());
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {
+        // Only ends once the registry dropped the session; the socket stream decides.
+    }
+}
+
+impl Session {
+    /// Queues a delivery unless this session already delivered its seq.
+    fn deliver(&mut self, ctx: &mut Context<Self>, delivery: Delivery) {
         if let Some((conversation, seq)) = &delivery.seq
             && *seq > 0
         {
@@ -430,11 +491,7 @@ impl StreamHandler<Delivery> for Session {
             }
             self.delivered.insert(Arc::clone(conversation), *seq);
         }
-        self.push(ctx, Outbound::Text(delivery.text));
-    }
-
-    fn finished(&mut self, _ctx: &mut Context<Self>) {
-        // Only ends once the registry dropped the session; the socket stream decides.
+        self.push(ctx, Outbound::Text(delivery.text, delivery.kind));
     }
 }
 
@@ -556,10 +613,16 @@ async fn write(
     out: Outbound,
     stats: &GatewayStats,
 ) -> Result<(), actix_ws::Closed> {
-    match out {
-        Outbound::Text(text) => ws.text(String::from(&*text)).await?,
-        Outbound::Pong(payload) => ws.pong(&payload).await?,
-    }
-    stats.frame_out();
+    let kind = match out {
+        Outbound::Text(text, kind) => {
+            ws.text(String::from(&*text)).await?;
+            kind
+        }
+        Outbound::Pong(payload) => {
+            ws.pong(&payload).await?;
+            FRAME_WS_PONG
+        }
+    };
+    stats.frame_out(kind);
     Ok(())
 }

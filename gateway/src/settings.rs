@@ -51,6 +51,9 @@ pub struct GatewaySettings {
     pub downstream_partitions: u32,
     /// HTTP worker threads (default 0: one per CPU core).
     pub workers: usize,
+    /// Bearer token of `/admin` and `/admin/actors`, also required by `/metrics` when set
+    /// (default empty: the admin routes answer 404 and `/metrics` is open).
+    pub admin_token: String,
 }
 
 impl Default for GatewaySettings {
@@ -72,6 +75,7 @@ impl Default for GatewaySettings {
             shutdown_grace: Duration::from_secs(10),
             downstream_partitions: 8,
             workers: 0,
+            admin_token: String::new(),
         }
     }
 }

@@ -1,10 +1,29 @@
-//! [`GatewayStats`]: lock-free counters of one gateway, read by tests today and exported as
-//! metrics later.
+//! [`GatewayStats`]: lock-free counters of one gateway (read by tests and `/admin/actors`), and
+//! the one place the gateway records its Prometheus metrics: every counter update here also
+//! updates the matching `gochat_gateway_*` metric (see `gochat_infra::telemetry`). Label values
+//! are literals, so the per-frame calls allocate nothing.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 use gochat_infra::ErrorCode;
+use gochat_infra::telemetry::{self as t, code_label};
+use metrics::{counter, gauge, histogram};
+
+use crate::frames;
+
+/// `type` of a received text frame that was refused (bad JSON, unknown type, invalid fields, too
+/// big).
+pub(crate) const FRAME_INVALID: &str = "invalid";
+/// `type` of a binary frame (refused).
+pub(crate) const FRAME_BINARY: &str = "binary";
+/// `type` of a WebSocket-level ping.
+pub(crate) const FRAME_WS_PING: &str = "ws-ping";
+/// `type` of a WebSocket-level pong.
+pub(crate) const FRAME_WS_PONG: &str = "ws-pong";
+/// `type` of a close frame.
+pub(crate) const FRAME_CLOSE: &str = "close";
 
 /// Why the gateway closed a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +39,22 @@ pub enum CloseCause {
     /// A frame over the hard size limit or a WebSocket protocol error (1009 / 1002).
     Protocol,
 }
+
+impl CloseCause {
+    /// The `cause` label of `gochat_gateway_disconnects_total`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Slow => "slow",
+            Self::Abuse => "abuse",
+            Self::Heartbeat => "heartbeat",
+            Self::Shutdown => "shutdown",
+            Self::Protocol => "protocol",
+        }
+    }
+}
+
+/// `cause` of a connection the client (or the network) ended.
+pub(crate) const CAUSE_CLIENT: &str = "client";
 
 /// Counters of one gateway. Every field only ever grows, except `connections`.
 #[derive(Debug, Default)]
@@ -119,34 +154,81 @@ impl GatewayStats {
     pub(crate) fn session_opened(&self) {
         self.connections.fetch_add(1, Ordering::Relaxed);
         bump(&self.connections_total);
+        gauge!(t::GATEWAY_CONNECTIONS).increment(1);
+        gauge!(t::ACTORS, "kind" => "session").increment(1);
+        counter!(t::GATEWAY_CONNECTS).increment(1);
     }
 
-    pub(crate) fn session_closed(&self) {
+    /// A session ended; `cause` is a [`CloseCause::as_str`] or [`CAUSE_CLIENT`].
+    pub(crate) fn session_closed(&self, cause: &'static str) {
         self.connections.fetch_sub(1, Ordering::Relaxed);
+        gauge!(t::GATEWAY_CONNECTIONS).decrement(1);
+        gauge!(t::ACTORS, "kind" => "session").decrement(1);
+        counter!(t::GATEWAY_DISCONNECTS, "cause" => cause).increment(1);
     }
 
-    pub(crate) fn frame_in(&self) {
+    /// A frame was received; `kind` is its envelope type or one of the `FRAME_*` kinds.
+    pub(crate) fn frame_in(&self, kind: &'static str) {
         bump(&self.frames_in);
+        let c = match kind {
+            frames::SEND_MESSAGE => counter!(t::GATEWAY_FRAMES_IN, "type" => "send-message"),
+            frames::PING => counter!(t::GATEWAY_FRAMES_IN, "type" => "ping"),
+            frames::PONG => counter!(t::GATEWAY_FRAMES_IN, "type" => "pong"),
+            FRAME_BINARY => counter!(t::GATEWAY_FRAMES_IN, "type" => "binary"),
+            FRAME_WS_PING => counter!(t::GATEWAY_FRAMES_IN, "type" => "ws-ping"),
+            FRAME_WS_PONG => counter!(t::GATEWAY_FRAMES_IN, "type" => "ws-pong"),
+            FRAME_CLOSE => counter!(t::GATEWAY_FRAMES_IN, "type" => "close"),
+            _ => counter!(t::GATEWAY_FRAMES_IN, "type" => "invalid"),
+        };
+        c.increment(1);
     }
 
-    pub(crate) fn frame_out(&self) {
+    /// A frame was written to a socket; `kind` is its envelope type or [`FRAME_WS_PONG`].
+    pub(crate) fn frame_out(&self, kind: &'static str) {
         bump(&self.frames_out);
+        let c = match kind {
+            frames::NEW_MESSAGE => {
+                counter!(t::GATEWAY_MESSAGES_OUT).increment(1);
+                counter!(t::GATEWAY_FRAMES_OUT, "type" => "new-message")
+            }
+            frames::MESSAGE_ACK => counter!(t::GATEWAY_FRAMES_OUT, "type" => "message-ack"),
+            frames::ERROR => counter!(t::GATEWAY_FRAMES_OUT, "type" => "error"),
+            frames::ONLINE_STATUS => counter!(t::GATEWAY_FRAMES_OUT, "type" => "online-status"),
+            frames::PONG => counter!(t::GATEWAY_FRAMES_OUT, "type" => "pong"),
+            FRAME_WS_PONG => counter!(t::GATEWAY_FRAMES_OUT, "type" => "ws-pong"),
+            _ => counter!(t::GATEWAY_FRAMES_OUT, "type" => "other"),
+        };
+        c.increment(1);
+    }
+
+    /// A session queued a frame for its socket; `depth` frames are now waiting.
+    pub(crate) fn outbound_depth(&self, depth: usize) {
+        histogram!(t::MAILBOX_DEPTH, "kind" => "session").record(depth as f64);
+    }
+
+    /// A session handled one frame or delivery in `took`.
+    pub(crate) fn handled(&self, took: Duration) {
+        histogram!(t::HANDLING_SECONDS, "kind" => "session").record(took.as_secs_f64());
     }
 
     pub(crate) fn published(&self) {
         bump(&self.upstream_published);
+        counter!(t::GATEWAY_MESSAGES_IN).increment(1);
     }
 
     pub(crate) fn downstream_record(&self) {
         bump(&self.downstream_records);
+        counter!(t::GATEWAY_DOWNSTREAM_RECORDS).increment(1);
     }
 
     pub(crate) fn downstream_malformed(&self) {
         bump(&self.downstream_malformed);
+        counter!(t::GATEWAY_DOWNSTREAM_MALFORMED).increment(1);
     }
 
     pub(crate) fn duplicate_dropped(&self) {
         bump(&self.duplicates_dropped);
+        counter!(t::GATEWAY_DUPLICATES_DROPPED).increment(1);
     }
 
     pub(crate) fn closed(&self, cause: CloseCause) {
@@ -161,9 +243,34 @@ impl GatewayStats {
 
     pub(crate) fn ws_error(&self, code: ErrorCode) {
         bump(&self.ws_errors[code_index(code)]);
+        counter!(t::GATEWAY_ERRORS, "code" => code_label(code), "transport" => "ws").increment(1);
     }
 
     pub(crate) fn http_error(&self, code: ErrorCode) {
         bump(&self.http_errors[code_index(code)]);
+        counter!(t::GATEWAY_ERRORS, "code" => code_label(code), "transport" => "http").increment(1);
+    }
+
+    /// A user's local sessions went from `from` to `to` (one of them 0 when the user appears or
+    /// leaves): moves the user between the `sessions` buckets of `gochat_gateway_users`.
+    pub(crate) fn user_sessions_changed(&self, from: usize, to: usize) {
+        if from == to {
+            return;
+        }
+        if from > 0 {
+            users_gauge(from).decrement(1);
+        }
+        if to > 0 {
+            users_gauge(to).increment(1);
+        }
+    }
+}
+
+fn users_gauge(sessions: usize) -> metrics::Gauge {
+    match sessions {
+        1 => gauge!(t::GATEWAY_USERS, "sessions" => "1"),
+        2 => gauge!(t::GATEWAY_USERS, "sessions" => "2"),
+        3 => gauge!(t::GATEWAY_USERS, "sessions" => "3"),
+        _ => gauge!(t::GATEWAY_USERS, "sessions" => "4+"),
     }
 }

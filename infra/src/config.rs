@@ -31,6 +31,8 @@ pub struct Config {
     pub bus: BusConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Admin endpoints.
+    pub admin: AdminConfig,
 }
 
 /// `[database]`
@@ -240,6 +242,18 @@ impl Default for LogConfig {
     }
 }
 
+/// `[admin]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// The bearer token of `/admin` and `/admin/actors` (and of `/metrics` when set). Empty:
+    /// the admin endpoints answer 404 and `/metrics` is open. At least 16 characters.
+    pub token: String,
+}
+
+/// Shortest admin token accepted.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -327,6 +341,14 @@ impl Config {
         if self.bus.partitions == 0 {
             return Err(ConfigError("bus.partitions must be at least 1".into()));
         }
+        if !self.admin.token.is_empty()
+            && (self.admin.token.chars().count() < MIN_ADMIN_TOKEN_LEN
+                || !self.admin.token.chars().all(|c| c.is_ascii_graphic()))
+        {
+            return Err(ConfigError(format!(
+                "admin.token must be at least {MIN_ADMIN_TOKEN_LEN} visible ASCII characters (or empty to disable the admin endpoints)"
+            )));
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError(
                 "log.format must be \"text\" or \"json\"".into(),
@@ -353,6 +375,10 @@ mod tests {
             .extract()
             .expect("example parses");
         assert_eq!(from_file, Config::default());
+        assert!(
+            from_file.admin.token.is_empty(),
+            "admin endpoints are off unless configured"
+        );
     }
 
     #[test]
@@ -384,6 +410,13 @@ mod tests {
             let err = Config::from_figment(&Config::figment(Some(Path::new("h.toml"))))
                 .expect_err("node id refused");
             assert!(err.to_string().contains("node_id"), "{err}");
+            jail.create_file("a.toml", "[admin]\ntoken = \"short\"\n")?;
+            let err = Config::from_figment(&Config::figment(Some(Path::new("a.toml"))))
+                .expect_err("short admin token refused");
+            assert!(err.to_string().contains("admin.token"), "{err}");
+            jail.set_env("GOCHAT_ADMIN__TOKEN", "0123456789abcdef-admin");
+            let c = Config::from_figment(&Config::figment(None)).map_err(|e| e.to_string())?;
+            assert_eq!(c.admin.token, "0123456789abcdef-admin");
             Ok(())
         });
     }

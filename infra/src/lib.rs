@@ -4,12 +4,14 @@
 //! - [`error`]: the spec's numeric error codes, the `ErrorResponse` body, and the one place that
 //!   maps codes to gRPC status and HTTP status (and back from a gRPC status).
 //! - [`ids`]: snowflake message/user/group ids and the conversation-id scheme.
+//! - [`telemetry`]: metric names and the process's Prometheus recorder.
 //! - [`time`]: Unix-millisecond clock helpers.
 
 pub mod config;
 pub mod error;
 pub mod ids;
 pub mod mq;
+pub mod telemetry;
 pub mod time;
 pub mod wire;
 

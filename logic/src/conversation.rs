@@ -15,6 +15,14 @@
 //!
 //! Mailboxes are bounded (`mailbox_capacity`): the upstream consumer waits when one is full, so
 //! a hot conversation slows its own partition down rather than growing memory.
+//!
+//! Metrics (`gochat_infra::telemetry`): the live actor count (`gochat_actors{kind=
+//! "conversation"}`), per batch the messages queued when it starts (mailbox depth), its size
+//! and its handling time, and the messages stored, recognised as duplicates and refused. Each
+//! actor also keeps an `ActorLoad` (queued messages and a ten-second rate)
+//! that [`Directory::busiest`] reads for `/admin/actors`.
+
+mod load;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
@@ -24,14 +32,17 @@ use actix::prelude::*;
 use dashmap::DashMap;
 use gochat_infra::ids::ConversationKind;
 use gochat_infra::mq::Bus;
+use gochat_infra::telemetry as t;
 use gochat_infra::time::now_ms;
 use gochat_infra::wire::{DownstreamKind, DownstreamMessage, HEADER_SESSION, UpstreamMessage};
 use gochat_infra::{AppError, ErrorCode};
 use gochat_proto::repo as rpb;
+use metrics::{counter, gauge, histogram};
 use tokio::sync::oneshot;
 use tonic::Request;
 
 use crate::{Core, RepoApi, repo_err};
+use load::ActorLoad;
 
 /// One upstream message for a conversation actor; `done` fires once it is handled (stored and
 /// acknowledged, or refused with an error frame).
@@ -47,9 +58,35 @@ impl Message for Incoming {
     type Result = ();
 }
 
+/// A live actor and its load.
+struct Live<R: RepoApi, B: Bus> {
+    addr: Addr<ConversationActor<R, B>>,
+    load: Arc<ActorLoad>,
+}
+
+impl<R: RepoApi, B: Bus> Clone for Live<R, B> {
+    fn clone(&self) -> Self {
+        Self {
+            addr: self.addr.clone(),
+            load: Arc::clone(&self.load),
+        }
+    }
+}
+
+/// The load of one conversation, as `/admin/actors` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConversationLoad {
+    /// The conversation.
+    pub conversation_id: String,
+    /// Messages its actor accepted and has not finished (waiting plus the batch in flight).
+    pub queued: u64,
+    /// Messages it finished per second, averaged over the last ten seconds.
+    pub messages_per_sec: f64,
+}
+
 /// The live Conversation actors of one logic instance.
 pub struct Directory<R: RepoApi, B: Bus> {
-    actors: DashMap<String, Addr<ConversationActor<R, B>>>,
+    actors: DashMap<String, Live<R, B>>,
     arbiters: Vec<ArbiterHandle>,
     /// Kept so the arbiters live as long as the directory.
     _owned: Vec<Arbiter>,
@@ -98,15 +135,41 @@ impl<R: RepoApi, B: Bus> Directory<R, B> {
         self.actors.is_empty()
     }
 
+    /// At most `limit` conversations whose actor holds messages or handled some in the last ten
+    /// seconds, busiest (by rate, then by queued messages) first.
+    pub fn busiest(&self, limit: usize) -> Vec<ConversationLoad> {
+        let mut busy: Vec<ConversationLoad> = self
+            .actors
+            .iter()
+            .filter_map(|e| {
+                let load = &e.value().load;
+                let (queued, messages_per_sec) = (load.queued(), load.per_sec());
+                (queued > 0 || messages_per_sec > 0.0).then(|| ConversationLoad {
+                    conversation_id: e.key().clone(),
+                    queued,
+                    messages_per_sec,
+                })
+            })
+            .collect();
+        busy.sort_unstable_by(|a, b| {
+            b.messages_per_sec
+                .total_cmp(&a.messages_per_sec)
+                .then(b.queued.cmp(&a.queued))
+                .then_with(|| a.conversation_id.cmp(&b.conversation_id))
+        });
+        busy.truncate(limit);
+        busy
+    }
+
     fn get_or_start(
         &self,
         conv: &str,
         core: &Arc<Core<R, B>>,
     ) -> Option<Addr<ConversationActor<R, B>>> {
         if let Some(a) = self.actors.get(conv)
-            && a.connected()
+            && a.addr.connected()
         {
-            return Some(a.clone());
+            return Some(a.addr.clone());
         }
         let kind = ConversationKind::parse(conv)?;
         let arbiter = &self.arbiters[shard(conv, self.arbiters.len())];
@@ -114,13 +177,13 @@ impl<R: RepoApi, B: Bus> Directory<R, B> {
             .actors
             .entry(conv.to_owned())
             .or_insert_with(|| start_actor(arbiter, conv.to_owned(), kind, core.clone()));
-        if entry.connected() {
-            return Some(entry.clone());
+        if entry.addr.connected() {
+            return Some(entry.addr.clone());
         }
         let fresh = start_actor(arbiter, conv.to_owned(), kind, core.clone());
         drop(entry);
         self.actors.insert(conv.to_owned(), fresh.clone());
-        Some(fresh)
+        Some(fresh.addr)
     }
 
     /// Hands a message to its conversation's actor and waits until it is handled. A message
@@ -153,7 +216,7 @@ impl<R: RepoApi, B: Bus> Directory<R, B> {
                 }
                 Err(_) => {
                     self.actors
-                        .remove_if(&message.conversation_id, |_, a| a == &addr);
+                        .remove_if(&message.conversation_id, |_, a| a.addr == addr);
                 }
             }
         }
@@ -164,7 +227,7 @@ impl<R: RepoApi, B: Bus> Directory<R, B> {
     }
 
     fn forget(&self, conv: &str, addr: &Addr<ConversationActor<R, B>>) {
-        self.actors.remove_if(conv, |_, a| a == addr);
+        self.actors.remove_if(conv, |_, a| a.addr == *addr);
     }
 }
 
@@ -173,9 +236,11 @@ fn start_actor<R: RepoApi, B: Bus>(
     id: String,
     kind: ConversationKind,
     core: Arc<Core<R, B>>,
-) -> Addr<ConversationActor<R, B>> {
+) -> Live<R, B> {
     let capacity = core.settings.mailbox_capacity;
-    ConversationActor::start_in_arbiter(arbiter, move |ctx| {
+    let load = Arc::new(ActorLoad::default());
+    let actor_load = Arc::clone(&load);
+    let addr = ConversationActor::start_in_arbiter(arbiter, move |ctx| {
         ctx.set_mailbox_capacity(capacity);
         ConversationActor {
             id,
@@ -185,8 +250,28 @@ fn start_actor<R: RepoApi, B: Bus>(
             busy: false,
             last_active: Instant::now(),
             spare: Vec::new(),
+            load: actor_load,
+            _alive: Alive::new(),
         }
-    })
+    });
+    Live { addr, load }
+}
+
+/// Counts a live actor in `gochat_actors{kind="conversation"}` from its creation until it is
+/// dropped (also when its arbiter stops under it).
+struct Alive;
+
+impl Alive {
+    fn new() -> Self {
+        gauge!(t::ACTORS, "kind" => "conversation").increment(1);
+        Self
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        gauge!(t::ACTORS, "kind" => "conversation").decrement(1);
+    }
 }
 
 /// The actor owning one conversation.
@@ -204,6 +289,10 @@ pub struct ConversationActor<R: RepoApi, B: Bus> {
     last_active: Instant,
     /// Seqs reserved by a batch that could not store; used first by the next batch.
     spare: Vec<i64>,
+    /// What `/admin/actors` reads about this actor.
+    load: Arc<ActorLoad>,
+    /// Keeps the actor counted while it lives.
+    _alive: Alive,
 }
 
 impl<R: RepoApi, B: Bus> std::fmt::Debug for ConversationActor<R, B> {
@@ -237,6 +326,7 @@ impl<R: RepoApi, B: Bus> Handler<Incoming> for ConversationActor<R, B> {
     type Result = ();
 
     fn handle(&mut self, msg: Incoming, ctx: &mut Self::Context) {
+        self.load.accepted();
         self.queued.push(msg);
         if !self.busy {
             self.run_batch(ctx);
@@ -250,12 +340,16 @@ impl<R: RepoApi, B: Bus> ConversationActor<R, B> {
         if take == 0 {
             return;
         }
+        histogram!(t::MAILBOX_DEPTH, "kind" => "conversation").record(self.queued.len() as f64);
+        histogram!(t::BATCH_SIZE, "kind" => "conversation").record(take as f64);
         let batch: Vec<Incoming> = self.queued.drain(..take).collect();
         self.busy = true;
         let core = self.core.clone();
         let conv = self.id.clone();
         let kind = self.kind;
         let spare = std::mem::take(&mut self.spare);
+        let load = Arc::clone(&self.load);
+        let started = Instant::now();
         let fut = async move {
             let (messages, done): (Vec<UpstreamMessage>, Vec<oneshot::Sender<()>>) =
                 batch.into_iter().map(|i| (i.message, i.done)).unzip();
@@ -263,6 +357,9 @@ impl<R: RepoApi, B: Bus> ConversationActor<R, B> {
             for d in done {
                 let _ = d.send(());
             }
+            load.finished(take);
+            histogram!(t::HANDLING_SECONDS, "kind" => "conversation")
+                .record(started.elapsed().as_secs_f64());
             spare
         };
         ctx.spawn(fut.into_actor(self).map(|spare, act, ctx| {
@@ -381,6 +478,7 @@ async fn process<R: RepoApi, B: Bus>(
         core.ack(p, &original.message_id, original.seq_id, conv)
             .await;
     }
+    let retries = originals.len() + repeats.len();
 
     // 3. Seqs, ids, storage.
     let stored = match store(core, conv, &fresh, &mut spare).await {
@@ -401,6 +499,13 @@ async fn process<R: RepoApi, B: Bus>(
             return spare;
         }
     };
+
+    let new = stored.iter().filter(|m| !m.duplicate).count();
+    let duplicates = retries + (stored.len() - new);
+    counter!(t::LOGIC_MESSAGES_STORED).increment(new as u64);
+    if duplicates > 0 {
+        counter!(t::LOGIC_MESSAGES_DUPLICATE).increment(duplicates as u64);
+    }
 
     // 4. Senders have read what they sent.
     let mut read_to: HashMap<&str, i64> = HashMap::new();

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use gochat_infra::ids::ConversationKind;
 use gochat_infra::mq::Bus;
+use gochat_infra::telemetry;
 use gochat_infra::time::now_ms;
 use gochat_infra::wire::{
     DownstreamKind, DownstreamMessage, FanoutTaskData, TASK_TOPIC, TaskMessage, TaskType,
@@ -63,6 +64,11 @@ impl<R: RepoApi, B: Bus> Core<R, B> {
         client_msg_id: &str,
         err: &AppError,
     ) {
+        metrics::counter!(
+            telemetry::LOGIC_MESSAGES_REFUSED,
+            "code" => telemetry::code_label(err.code)
+        )
+        .increment(1);
         let record = DownstreamMessage {
             trace_id: trace_id.to_owned(),
             conversation_id: conversation.to_owned(),

@@ -101,6 +101,12 @@ impl<R: RepoApi, B: Bus> Logic<R, B> {
     pub fn conversation_actors(&self) -> usize {
         self.core.directory.len()
     }
+
+    /// At most `limit` conversations with work (messages held, or handled in the last ten
+    /// seconds), busiest first: for `/admin/actors`.
+    pub fn busiest(&self, limit: usize) -> Vec<conversation::ConversationLoad> {
+        self.core.directory.busiest(limit)
+    }
 }
 
 /// A tonic status from a repo call as an [`AppError`].

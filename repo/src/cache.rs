@@ -23,6 +23,8 @@ pub mod redis;
 use std::future::Future;
 use std::time::Duration;
 
+use gochat_infra::telemetry;
+
 use crate::model::{DedupEntry, Message, Presence, User};
 
 /// A cache operation that did not reach the cache.
@@ -67,6 +69,14 @@ pub trait Cache: Send + Sync + 'static {
         sender: i64,
         client_msg_id: &str,
         entry: &DedupEntry,
+        ttl: Duration,
+    ) -> impl Future<Output = CacheResult<()>> + Send;
+
+    /// Stores several `msg_dedup` entries (sender, client_msg_id, entry) for `ttl` in one round
+    /// trip (a stored batch).
+    fn dedup_set_many(
+        &self,
+        entries: &[(i64, String, DedupEntry)],
         ttl: Duration,
     ) -> impl Future<Output = CacheResult<()>> + Send;
 
@@ -150,13 +160,23 @@ pub enum AnyCache {
     Redis(redis::RedisCache),
 }
 
+/// Calls the backend's method and records its duration (`gochat_cache_duration_seconds`) and
+/// failure (`gochat_cache_errors_total`) under `op` = the method's name.
 macro_rules! delegate {
-    ($self:ident, $c:ident => $e:expr) => {
-        match $self {
-            AnyCache::Memory($c) => $e.await,
-            AnyCache::Redis($c) => $e.await,
+    ($self:ident, $c:ident => $_recv:ident . $method:ident($($arg:expr),*)) => {{
+        let started = std::time::Instant::now();
+        let result = match $self {
+            AnyCache::Memory($c) => $c.$method($($arg),*).await,
+            AnyCache::Redis($c) => $c.$method($($arg),*).await,
+        };
+        let op: &'static str = stringify!($method);
+        metrics::histogram!(telemetry::CACHE_SECONDS, "op" => op)
+            .record(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            metrics::counter!(telemetry::CACHE_ERRORS, "op" => op).increment(1);
         }
-    };
+        result
+    }};
 }
 
 impl Cache for AnyCache {
@@ -192,6 +212,13 @@ impl Cache for AnyCache {
         ttl: Duration,
     ) -> CacheResult<()> {
         delegate!(self, c => c.dedup_set(sender, cmid, entry, ttl))
+    }
+    async fn dedup_set_many(
+        &self,
+        entries: &[(i64, String, DedupEntry)],
+        ttl: Duration,
+    ) -> CacheResult<()> {
+        delegate!(self, c => c.dedup_set_many(entries, ttl))
     }
     async fn members_contains(&self, group: i64, user: i64) -> CacheResult<Option<bool>> {
         delegate!(self, c => c.members_contains(group, user))

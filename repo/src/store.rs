@@ -15,6 +15,7 @@ pub mod sqlite;
 
 use std::future::Future;
 
+use gochat_infra::telemetry;
 use gochat_infra::{AppError, ErrorCode};
 
 use crate::model::{
@@ -269,13 +270,23 @@ impl AnyStore {
     }
 }
 
+/// Calls the engine's method and records its duration (`gochat_store_duration_seconds`) and
+/// failure (`gochat_store_errors_total`) under `op` = the method's name.
 macro_rules! delegate {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self {
-            AnyStore::Sqlite($s) => $e.await,
-            AnyStore::Mysql($s) => $e.await,
+    ($self:ident, $s:ident => $_recv:ident . $method:ident($($arg:expr),*)) => {{
+        let started = std::time::Instant::now();
+        let result = match $self {
+            AnyStore::Sqlite($s) => $s.$method($($arg),*).await,
+            AnyStore::Mysql($s) => $s.$method($($arg),*).await,
+        };
+        let op: &'static str = stringify!($method);
+        metrics::histogram!(telemetry::STORE_SECONDS, "op" => op)
+            .record(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            metrics::counter!(telemetry::STORE_ERRORS, "op" => op).increment(1);
         }
-    };
+        result
+    }};
 }
 
 impl Store for AnyStore {

@@ -27,6 +27,23 @@ pub use job::{FanoutJob, FanoutReport};
 type JobFuture = Pin<Box<dyn Future<Output = Result<FanoutReport, TaskError>> + Send>>;
 type Reply = oneshot::Sender<Result<FanoutReport, TaskError>>;
 
+/// Counts a Fanout actor as alive (in [`TaskStats`] and `gochat_actors{kind="fanout"}`) from
+/// its creation until it is dropped, also when its arbiter stops under it.
+struct Alive(Arc<TaskStats>);
+
+impl Alive {
+    fn new(stats: Arc<TaskStats>) -> Self {
+        stats.fanout_started();
+        Self(stats)
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fanout_stopped();
+    }
+}
+
 /// The actor of one delivery job: runs it on its arbiter, replies, stops.
 pub struct Fanout {
     /// The job's task id (for logs).
@@ -37,6 +54,8 @@ pub struct Fanout {
     reply: Option<Reply>,
     /// The in-flight slot this job occupies; released when the actor is dropped.
     _permit: OwnedSemaphorePermit,
+    /// Keeps the actor counted while it lives.
+    _alive: Alive,
 }
 
 impl fmt::Debug for Fanout {
@@ -49,21 +68,24 @@ impl fmt::Debug for Fanout {
 }
 
 impl Fanout {
-    /// Starts the actor of `job` on `arbiter`, holding `permit` until it stops; the receiver
-    /// gets the job's outcome.
+    /// Starts the actor of `job` on `arbiter`, holding `permit` until it stops and counted in
+    /// `stats` while it lives; the receiver gets the job's outcome.
     pub fn start<R: RepoApi, B: Bus>(
         arbiter: &ArbiterHandle,
         job: FanoutJob<R, B>,
         permit: OwnedSemaphorePermit,
+        stats: Arc<TaskStats>,
     ) -> oneshot::Receiver<Result<FanoutReport, TaskError>> {
         let (tx, rx) = oneshot::channel();
         let task_id = job.task_id().to_owned();
         let work: JobFuture = Box::pin(job.run().instrument(tracing::Span::current()));
+        let alive = Alive::new(stats);
         Fanout::start_in_arbiter(arbiter, move |_| Fanout {
             task_id,
             job: Some(work),
             reply: Some(tx),
             _permit: permit,
+            _alive: alive,
         });
         rx
     }
@@ -101,6 +123,8 @@ pub struct FanoutProcessor<R, B, G> {
     pool: Arc<ArbiterPool>,
     /// `max_in_flight` slots.
     permits: Arc<Semaphore>,
+    /// How many slots there are.
+    max_in_flight: usize,
     /// Counters.
     stats: Arc<TaskStats>,
 }
@@ -136,6 +160,7 @@ impl<R: RepoApi, B: Bus, G: LiveGateways> FanoutProcessor<R, B, G> {
             },
             pool,
             permits: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
+            max_in_flight: settings.max_in_flight.max(1),
             stats,
         }
     }
@@ -149,16 +174,21 @@ impl<R: RepoApi, B: Bus, G: LiveGateways> FanoutProcessor<R, B, G> {
             self.config.clone(),
             Arc::clone(&self.stats),
         )?;
+        self.stats.job_queued(
+            self.max_in_flight - self.permits.available_permits().min(self.max_in_flight),
+        );
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
             .map_err(|_| TaskError::ShuttingDown)?;
         let conversation_id = job.conversation_id().to_owned();
-        let reply = Fanout::start(self.pool.next(), job, permit);
+        let started = std::time::Instant::now();
+        let reply = Fanout::start(self.pool.next(), job, permit, Arc::clone(&self.stats));
         let outcome = reply.await.unwrap_or(Err(TaskError::ActorGone));
+        let took = started.elapsed();
         match &outcome {
             Ok(report) => {
-                self.stats.job_done();
+                self.stats.job_done(took);
                 tracing::debug!(
                     conversation_id,
                     pages = report.pages,
@@ -167,7 +197,7 @@ impl<R: RepoApi, B: Bus, G: LiveGateways> FanoutProcessor<R, B, G> {
                     "fan-out done"
                 );
             }
-            Err(_) => self.stats.job_failed(),
+            Err(_) => self.stats.job_failed(took),
         }
         outcome
     }

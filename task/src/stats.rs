@@ -1,7 +1,13 @@
 //! [`TaskStats`]: the task service's counters, shared by the consumer, the dispatcher and every
-//! Fanout actor. Plain atomics for now; the metrics exporter reads them later.
+//! Fanout actor, and the one place the task service records its Prometheus metrics: each update
+//! here also updates the matching `gochat_task_*` / `gochat_fanout_*` metric (see
+//! `gochat_infra::telemetry`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use gochat_infra::telemetry as t;
+use metrics::{counter, gauge, histogram};
 
 /// Live counters of one task service (monotonic since it was built).
 #[derive(Debug, Default)]
@@ -27,6 +33,8 @@ pub struct TaskStats {
     broadcasts: AtomicU64,
     /// Repo calls and downstream sends that were retried.
     retries: AtomicU64,
+    /// Fanout actors alive now (the only field that goes down).
+    fanout_actors: AtomicI64,
 }
 
 /// A copy of the counters at one moment.
@@ -76,33 +84,66 @@ impl TaskStats {
         }
     }
 
+    /// Fanout actors alive now.
+    pub fn fanout_actors(&self) -> u64 {
+        u64::try_from(self.fanout_actors.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
     pub(crate) fn task(&self) {
         bump(&self.tasks, 1);
+        counter!(t::TASK_RECORDS).increment(1);
     }
     pub(crate) fn malformed(&self) {
         bump(&self.malformed, 1);
+        counter!(t::TASK_DROPPED, "reason" => "malformed").increment(1);
     }
     pub(crate) fn unhandled(&self) {
         bump(&self.unhandled, 1);
+        counter!(t::TASK_DROPPED, "reason" => "unhandled").increment(1);
     }
     pub(crate) fn rejected(&self) {
         bump(&self.rejected, 1);
+        counter!(t::TASK_DROPPED, "reason" => "rejected").increment(1);
     }
-    pub(crate) fn job_done(&self) {
+    /// A job finished after `took` (from its actor's start to its reply).
+    pub(crate) fn job_done(&self, took: Duration) {
         bump(&self.jobs, 1);
+        counter!(t::FANOUT_JOBS, "result" => "done").increment(1);
+        histogram!(t::HANDLING_SECONDS, "kind" => "fanout").record(took.as_secs_f64());
     }
-    pub(crate) fn job_failed(&self) {
+    /// A job run failed after `took`.
+    pub(crate) fn job_failed(&self, took: Duration) {
         bump(&self.jobs_failed, 1);
+        counter!(t::FANOUT_JOBS, "result" => "failed").increment(1);
+        histogram!(t::HANDLING_SECONDS, "kind" => "fanout").record(took.as_secs_f64());
+    }
+    /// A job asked for a slot while `running` jobs held one.
+    pub(crate) fn job_queued(&self, running: usize) {
+        histogram!(t::MAILBOX_DEPTH, "kind" => "fanout").record(running as f64);
     }
     pub(crate) fn batch(&self, targets: usize) {
         bump(&self.batches, 1);
         bump(&self.deliveries, targets as u64);
+        counter!(t::FANOUT_RECORDS).increment(1);
+        counter!(t::FANOUT_DELIVERIES).increment(targets as u64);
+        histogram!(t::BATCH_SIZE, "kind" => "fanout").record(targets as f64);
     }
     pub(crate) fn broadcast(&self) {
         bump(&self.batches, 1);
         bump(&self.broadcasts, 1);
+        counter!(t::FANOUT_RECORDS).increment(1);
+        counter!(t::FANOUT_BROADCASTS).increment(1);
     }
     pub(crate) fn retry(&self) {
         bump(&self.retries, 1);
+        counter!(t::TASK_RETRIES).increment(1);
+    }
+    pub(crate) fn fanout_started(&self) {
+        self.fanout_actors.fetch_add(1, Ordering::Relaxed);
+        gauge!(t::ACTORS, "kind" => "fanout").increment(1);
+    }
+    pub(crate) fn fanout_stopped(&self) {
+        self.fanout_actors.fetch_sub(1, Ordering::Relaxed);
+        gauge!(t::ACTORS, "kind" => "fanout").decrement(1);
     }
 }

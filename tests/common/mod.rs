@@ -27,12 +27,17 @@ pub struct Server {
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
 
-/// The configuration tests use: cheap password hashing, everything else as shipped.
+/// The admin token of [`test_config`].
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// The configuration tests use: cheap password hashing, an admin token, everything else as
+/// shipped.
 pub fn test_config() -> Config {
     let mut c = Config::default();
     c.repo.argon2_memory_kib = 64;
     c.repo.argon2_iterations = 1;
     c.log.filter = "warn".into();
+    c.admin.token = ADMIN_TOKEN.into();
     c
 }
 
@@ -64,6 +69,11 @@ impl Server {
     /// `http://addr/api/v1{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}/api/v1{path}", self.addr)
+    }
+
+    /// `http://addr{path}` (routes outside the API: `/metrics`, `/admin`, ...).
+    pub fn root_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
     }
 
     /// Stops the server (as SIGTERM would) and waits for it.

@@ -266,6 +266,17 @@ impl Cache for MemoryCache {
         Ok(())
     }
 
+    async fn dedup_set_many(
+        &self,
+        entries: &[(i64, String, DedupEntry)],
+        ttl: Duration,
+    ) -> CacheResult<()> {
+        for (sender, client_msg_id, entry) in entries {
+            self.dedup_set(*sender, client_msg_id, entry, ttl).await?;
+        }
+        Ok(())
+    }
+
     async fn members_contains(&self, group: i64, user: i64) -> CacheResult<Option<bool>> {
         Ok(match self.get(&Key::Members(group)).await {
             Some(Val::Members(set)) => Some(set.contains(&user)),

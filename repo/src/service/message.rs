@@ -93,6 +93,7 @@ impl<S: Store, C: Cache> Repo<S, C> {
             Err(e) => return Err(e.into()),
         };
         let mut touched: Vec<&str> = Vec::new();
+        let mut dedup = Vec::new();
         for o in &outcomes {
             let m = &o.message;
             if let Some(k) = &m.client_msg_id {
@@ -101,17 +102,19 @@ impl<S: Store, C: Cache> Repo<S, C> {
                     seq_id: m.seq_id,
                     conversation_id: m.conversation_id.clone(),
                 };
-                cache_write(
-                    self.cache()
-                        .dedup_set(m.sender_id, k, &entry, self.settings().dedup_ttl)
-                        .await,
-                    "msg_dedup",
-                );
+                dedup.push((m.sender_id, k.clone(), entry));
             }
             if !o.duplicate && !touched.contains(&m.conversation_id.as_str()) {
                 touched.push(&m.conversation_id);
             }
         }
+        // One round trip for the whole batch's idempotency keys.
+        cache_write(
+            self.cache()
+                .dedup_set_many(&dedup, self.settings().dedup_ttl)
+                .await,
+            "msg_dedup",
+        );
         for conv in touched {
             cache_write(self.cache().hot_del(conv).await, "hot_messages");
         }

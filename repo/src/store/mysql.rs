@@ -101,6 +101,7 @@ impl MysqlStore {
             for chunk in p.keys.chunks(INSERT_CHUNK) {
                 stored.extend(
                     messages::table
+                        .filter(messages::sender_id.eq_any(&p.senders))
                         .filter(messages::client_msg_id.eq_any(chunk))
                         .select(Message::as_select())
                         .load(c)

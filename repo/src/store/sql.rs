@@ -233,6 +233,9 @@ pub(crate) struct Prepared {
     pub ids: Vec<i64>,
     /// Idempotency keys of the batch.
     pub keys: Vec<String>,
+    /// Senders of the messages that have a key (the leading column of the
+    /// `(sender_id, client_msg_id)` index: looking keys up without it scans the table).
+    pub senders: Vec<i64>,
     /// Transaction time.
     pub now: i64,
 }
@@ -264,6 +267,16 @@ impl Prepared {
         Ok(Self {
             ids: out.iter().map(|m| m.id).collect(),
             keys: out.iter().filter_map(|m| m.client_msg_id.clone()).collect(),
+            senders: {
+                let mut v: Vec<i64> = out
+                    .iter()
+                    .filter(|m| m.client_msg_id.is_some())
+                    .map(|m| m.sender_id)
+                    .collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            },
             batch: out,
             conversations: conversations.into_values().collect(),
             now,

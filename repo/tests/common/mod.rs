@@ -290,6 +290,14 @@ impl<C: Cache> Cache for Switch<C> {
         self.check()?;
         self.inner.dedup_set(sender, cmid, entry, ttl).await
     }
+    async fn dedup_set_many(
+        &self,
+        entries: &[(i64, String, DedupEntry)],
+        ttl: Duration,
+    ) -> CacheResult<()> {
+        self.check()?;
+        self.inner.dedup_set_many(entries, ttl).await
+    }
     async fn members_contains(&self, group: i64, user: i64) -> CacheResult<Option<bool>> {
         self.check()?;
         self.inner.members_contains(group, user).await
