@@ -49,7 +49,7 @@ fn main() -> anyhow::Result<()> {
         if let Some(l) = listen {
             config.gateway.listen = l.clone();
         }
-        let listener = std::net::TcpListener::bind(&config.gateway.listen)
+        let listener = listen(&config.gateway.listen)
             .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
         let options = gochat::ServeOptions {
             data_dir: cli.data_dir.clone(),
@@ -87,6 +87,25 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// A listening socket with a deep accept backlog (connection storms arrive faster than a
+/// worker accepts; the default of 128 would refuse some) and SO_REUSEADDR (quick restarts).
+fn listen(addr: &str) -> anyhow::Result<std::net::TcpListener> {
+    use std::net::ToSocketAddrs;
+    let addr = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{addr} resolves to no address"))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }
 
 /// Every WebSocket is a file descriptor: lift the soft limit to the hard one so a server can hold

@@ -9,6 +9,16 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 
+/// The seqs of a history page, in page order.
+fn seqs_of(page: &Value) -> Vec<i64> {
+    page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["seq_id"].as_i64().expect("seq"))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn register_login_refresh_logout() {
     let (_tmp, dir) = data_dir();
@@ -167,12 +177,7 @@ async fn offline_recipient_catches_up_by_seq_and_reads() {
     )
     .await;
     assert_eq!(st, 200, "{page}");
-    let seqs: Vec<i64> = page["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| m["seq_id"].as_i64().expect("seq"))
-        .collect();
+    let seqs = seqs_of(&page);
     assert_eq!(seqs, vec![1, 2, 3]);
     assert_eq!(page["has_more"], true);
     let (_, page) = get(
@@ -180,12 +185,7 @@ async fn offline_recipient_catches_up_by_seq_and_reads() {
         Some(&b.access),
     )
     .await;
-    let seqs: Vec<i64> = page["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| m["seq_id"].as_i64().expect("seq"))
-        .collect();
+    let seqs = seqs_of(&page);
     assert_eq!(seqs, vec![4, 5]);
     assert_eq!(page["has_more"], false);
     let (_, page) = get(
@@ -193,12 +193,7 @@ async fn offline_recipient_catches_up_by_seq_and_reads() {
         Some(&b.access),
     )
     .await;
-    let seqs: Vec<i64> = page["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| m["seq_id"].as_i64().expect("seq"))
-        .collect();
+    let seqs = seqs_of(&page);
     assert_eq!(seqs, vec![2, 1], "newest first");
 
     let (st, r) = post(
@@ -639,12 +634,7 @@ async fn restart_keeps_history_seq_and_unread() {
         Some(&b.access),
     )
     .await;
-    let seqs: Vec<i64> = page["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| m["seq_id"].as_i64().expect("seq"))
-        .collect();
+    let seqs = seqs_of(&page);
     assert_eq!(seqs, vec![1, 2, 3, 4]);
     let (_, list) = get(&s.url("/conversations"), Some(&b.access)).await;
     let unread: HashMap<String, i64> = list["conversations"]

@@ -193,6 +193,8 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
                 .wrap(middleware::from_fn(api::trace_layer))
         })
         .disable_signals()
+        // Chat frames are small and latency-bound: never let Nagle hold one back.
+        .tcp_nodelay(true)
         .shutdown_timeout(grace.as_secs().max(1));
         if workers > 0 {
             server = server.workers(workers);

@@ -5,8 +5,11 @@
 //!
 //! - `one-conversation`: one writer reserves 100 seqs, saves the 100 messages in one
 //!   `SaveMessages` call, repeats (a Conversation actor's loop).
-//! - `many-conversations`: `--writers` concurrent writers, each batch of 100 messages spread
-//!   over 1,000 conversations (every message with the next seq of its conversation).
+//! - `many-conversations`: `--writers` concurrent writers (like Conversation actors on several
+//!   arbiters), each owning a share of 1,000 conversations and storing one 100-message batch
+//!   into each in turn.
+//! - `mixed-batches`: the harder variant: every 100-message batch spreads over 100 of the
+//!   1,000 conversations (100 seq reservations and 100 conversation-row updates per batch).
 //! - `seq-blocks`: `GenerateSeqID` with `count = --block` in a loop on `--writers` tasks.
 //!
 //! Figures are messages (or seqs) per second of wall time, with batch latency percentiles.
@@ -52,6 +55,9 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Run only these scenarios (`one`, `many`, `mixed`, `seq`); all when empty.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -181,6 +187,57 @@ async fn one_conversation(repo: &Repo, args: &Args) -> anyhow::Result<Figure> {
 
 async fn many_conversations(repo: &Repo, args: &Args) -> anyhow::Result<Figure> {
     let batches = args.messages.div_ceil(BATCH);
+    let writers = args.writers.max(1);
+    let per_writer = batches.div_ceil(writers);
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let repo = repo.clone();
+        tasks.spawn(async move {
+            let ids = Snowflake::new(200 + w as u16);
+            let mut h = histogram()?;
+            // Writer w owns conversations w, w + writers, ... of the 1,000 (like actors: one
+            // owner per conversation) and stores one 100-message batch into each in turn.
+            let convs: Vec<String> = (0..1000)
+                .filter(|c| c % writers == w)
+                .map(|c| format!("s_{}_{}", 20_000 + c, 30_000 + c))
+                .collect();
+            for i in 0..per_writer {
+                let conv = &convs[i % convs.len()];
+                let t = Instant::now();
+                let seqs = repo
+                    .generate_seq_id(Request::new(pb::GenerateSeqIdRequest {
+                        conversation_id: conv.clone(),
+                        count: BATCH as i64,
+                    }))
+                    .await?
+                    .into_inner();
+                let messages = (0..BATCH as i64)
+                    .map(|k| message(&ids, conv, seqs.seq_id + k, 1))
+                    .collect();
+                repo.save_messages(Request::new(pb::SaveMessagesRequest { messages }))
+                    .await?;
+                h.record(t.elapsed().as_micros() as u64)?;
+            }
+            anyhow::Ok(h)
+        });
+    }
+    let mut h = histogram()?;
+    while let Some(r) = tasks.join_next().await {
+        h.add(r??)?;
+    }
+    let items = (per_writer * writers * BATCH) as u64;
+    Ok(figure(
+        "many-conversations(1000)",
+        args,
+        items,
+        start.elapsed(),
+        &h,
+    ))
+}
+
+async fn mixed_batches(repo: &Repo, args: &Args) -> anyhow::Result<Figure> {
+    let batches = args.messages.div_ceil(BATCH);
     let per_writer = batches.div_ceil(args.writers.max(1));
     let writers = args.writers.max(1);
     let start = Instant::now();
@@ -232,7 +289,7 @@ async fn many_conversations(repo: &Repo, args: &Args) -> anyhow::Result<Figure> 
     }
     let items = (per_writer * writers * BATCH) as u64;
     Ok(figure(
-        "many-conversations(1000)",
+        "mixed-batches(1000)",
         args,
         items,
         start.elapsed(),
@@ -289,9 +346,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let cache = open_cache(&args.cache).await?;
     let repo = Repo::new(store, cache, RepoSettings::default());
     let mut figures = Vec::new();
-    figures.push(one_conversation(&repo, &args).await?);
-    figures.push(many_conversations(&repo, &args).await?);
-    figures.push(seq_blocks(&repo, &args).await?);
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    if wanted("one") {
+        figures.push(one_conversation(&repo, &args).await?);
+    }
+    if wanted("many") {
+        figures.push(many_conversations(&repo, &args).await?);
+    }
+    if wanted("mixed") {
+        figures.push(mixed_batches(&repo, &args).await?);
+    }
+    if wanted("seq") {
+        figures.push(seq_blocks(&repo, &args).await?);
+    }
     if let AnyCache::Redis(c) = repo.cache() {
         use gochat_repo::cache::Cache;
         c.flush().await?;

@@ -1,0 +1,334 @@
+//! The client side of gochat's protocol as the scenarios need it: JSON over HTTP (with bounded
+//! retries of transient refusals), WebSocket connections bound to a chosen local source address
+//! (`TcpSocket` then `client_async`), the frames the scenarios send, and a cheap borrowed parse
+//! of the frames the server sends.
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::guard::Target;
+use crate::progress::{Counters, inc};
+
+/// A WebSocket connection to the gateway.
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// Microseconds since the Unix epoch (the clock every latency in a frame is measured with;
+/// sender and receiver run on the same machine).
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// JSON over HTTP to the gateway's `/api/v1`.
+#[derive(Debug, Clone)]
+pub struct Http {
+    client: reqwest::Client,
+    target: Target,
+}
+
+/// Attempts per request when the answer is transient (no connection, 429, 503).
+const HTTP_ATTEMPTS: u32 = 6;
+
+impl Http {
+    /// A client for `target` keeping up to `parallel` idle connections.
+    pub fn new(target: &Target, parallel: usize) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(parallel.max(1))
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Self {
+            client,
+            target: target.clone(),
+        })
+    }
+
+    /// `POST /api/v1{path}` with a JSON body; (status, JSON body).
+    pub async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> anyhow::Result<(u16, Value)> {
+        self.call(reqwest::Method::POST, path, token, Some(body))
+            .await
+    }
+
+    /// `GET /api/v1{path}`; (status, JSON body).
+    pub async fn get(&self, path: &str, token: Option<&str>) -> anyhow::Result<(u16, Value)> {
+        self.call(reqwest::Method::GET, path, token, None).await
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let url = self.target.api(path);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut req = self.client.request(method.clone(), &url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let transient = match req.send().await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    if (status == 429 || status == 503) && attempt < HTTP_ATTEMPTS {
+                        true
+                    } else {
+                        let body = resp.json().await.unwrap_or(Value::Null);
+                        return Ok((status, body));
+                    }
+                }
+                Err(e) if attempt < HTTP_ATTEMPTS && (e.is_connect() || e.is_timeout()) => true,
+                Err(e) => return Err(anyhow::anyhow!("{method} {url}: {e}")),
+            };
+            if transient {
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            }
+        }
+    }
+}
+
+/// Why a WebSocket connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Binding the local source address failed (e.g. its ports are used up).
+    #[error("binding {0}: {1}")]
+    Bind(IpAddr, std::io::Error),
+    /// The TCP connection failed.
+    #[error("TCP connect: {0}")]
+    Tcp(std::io::Error),
+    /// The server answered the upgrade with an HTTP status (401 bad token, 503 full).
+    #[error("upgrade refused with HTTP {0}")]
+    Status(u16),
+    /// The WebSocket handshake failed otherwise.
+    #[error("handshake: {0}")]
+    Handshake(String),
+    /// Connect + upgrade took longer than allowed.
+    #[error("timed out")]
+    Timeout,
+}
+
+impl ConnectError {
+    /// A short label to tally failures by.
+    pub fn cause(&self) -> String {
+        match self {
+            Self::Bind(_, e) => format!("bind: {}", e.kind()),
+            Self::Tcp(e) => format!("tcp: {}", e.kind()),
+            Self::Status(s) => format!("upgrade: HTTP {s}"),
+            Self::Handshake(m) => {
+                let short: String = m.chars().take(60).collect();
+                format!("handshake: {short}")
+            }
+            Self::Timeout => "connect+upgrade timeout".to_owned(),
+        }
+    }
+}
+
+/// Small client buffers: tens of thousands of connections live in one generator process.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
+
+/// Opens an authenticated WebSocket to `target` from `source` (any local address when `None`):
+/// TCP connect, then the HTTP upgrade with `?token=`, within `timeout`.
+pub async fn connect(
+    target: &Target,
+    source: Option<IpAddr>,
+    token: &str,
+    timeout: Duration,
+) -> Result<Ws, ConnectError> {
+    let attempt = async {
+        let socket = match target.addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(ConnectError::Tcp)?;
+        if let Some(ip) = source {
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|e| ConnectError::Bind(ip, e))?;
+        }
+        let stream = socket
+            .connect(target.addr)
+            .await
+            .map_err(ConnectError::Tcp)?;
+        let _ = stream.set_nodelay(true);
+        let url = target.ws_url(token);
+        match tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config())).await {
+            Ok((ws, _response)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                Err(ConnectError::Status(resp.status().as_u16()))
+            }
+            Err(e) => Err(ConnectError::Handshake(e.to_string())),
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or(Err(ConnectError::Timeout))
+}
+
+/// Opens one connection per token, `rate` new connections per second with at most `inflight`
+/// under way, connection `j` from source slot `first_source + j`. Every attempt is its own task
+/// (the handshakes run on every runtime thread). Results in token order, with each attempt's
+/// connect + upgrade time; `counters.connected` / `counters.failed` follow along.
+pub async fn connect_many(
+    target: &Target,
+    tokens: Vec<String>,
+    first_source: usize,
+    rate: f64,
+    inflight: usize,
+    timeout: Duration,
+    counters: &Arc<Counters>,
+) -> Vec<(Result<Ws, ConnectError>, Duration)> {
+    let permits = Arc::new(Semaphore::new(inflight.max(1)));
+    let start = tokio::time::Instant::now();
+    let rate = rate.max(0.001);
+    let handles: Vec<_> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(j, token)| {
+            let at = start + Duration::from_secs_f64(j as f64 / rate);
+            let (target, permits, counters) =
+                (target.clone(), Arc::clone(&permits), Arc::clone(counters));
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                let _permit = permits.acquire_owned().await;
+                let began = Instant::now();
+                let r = connect(&target, target.source(first_source + j), &token, timeout).await;
+                match &r {
+                    Ok(_) => inc(&counters.connected),
+                    Err(_) => inc(&counters.failed),
+                }
+                (r, began.elapsed())
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(
+            h.await
+                .unwrap_or_else(|e| (Err(ConnectError::Handshake(e.to_string())), Duration::ZERO)),
+        );
+    }
+    out
+}
+
+/// Closes `ws` as a client should: a close frame, then reading until the server's close frame
+/// (or the end of the stream), within `timeout`. True when the server answered the close.
+pub async fn close(ws: &mut Ws, timeout: Duration) -> bool {
+    let closing = async {
+        if ws.close(None).await.is_err() {
+            return false;
+        }
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None => return true,
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return false,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, closing)
+        .await
+        .unwrap_or(false)
+}
+
+/// Sends one text frame.
+pub async fn send_text(
+    ws: &mut Ws,
+    text: String,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    ws.send(Message::text(text)).await
+}
+
+/// The application-level heartbeat frame.
+pub const PING: &str = r#"{"type":"ping","data":{}}"#;
+
+/// A `send-message` frame. The ids and content the scenarios generate are plain ASCII
+/// (letters, digits, `_`, `.`, `:`), so no JSON escaping is needed.
+pub fn send_message(conversation_id: &str, content: &str, client_msg_id: &str) -> String {
+    format!(
+        r#"{{"type":"send-message","data":{{"conversation_id":"{conversation_id}","message_type":1,"content":"{content}","client_msg_id":"{client_msg_id}"}}}}"#
+    )
+}
+
+/// A server frame, parsed without copying what the scenarios read.
+#[derive(Debug, Deserialize)]
+pub struct Frame<'a> {
+    /// `new-message`, `message-ack`, `error`, `pong`, `online-status`.
+    #[serde(rename = "type", borrow)]
+    pub kind: Cow<'a, str>,
+    /// When the server made the frame (Unix ms; for `new-message`, when the gateway
+    /// dispatched the record to its sessions).
+    #[serde(default)]
+    pub timestamp: Option<u64>,
+    /// The frame's payload (only the fields the scenarios use).
+    #[serde(default, borrow)]
+    pub data: FrameData<'a>,
+}
+
+/// The fields of a frame's `data` the scenarios use.
+#[derive(Debug, Default, Deserialize)]
+pub struct FrameData<'a> {
+    #[serde(default, borrow)]
+    pub conversation_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub seq_id: Option<u64>,
+    #[serde(default, borrow)]
+    pub content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub client_msg_id: Option<Cow<'a, str>>,
+    /// For `error` frames.
+    #[serde(default)]
+    pub code: Option<u16>,
+}
+
+/// Parses a server text frame (None when it is not a gochat envelope).
+pub fn parse(text: &str) -> Option<Frame<'_>> {
+    serde_json::from_str(text).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let out = send_message("s_1_2", "r1:3:17", "r1.3.17");
+        let v: Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(v["data"]["client_msg_id"], "r1.3.17");
+        let f = parse(
+            r#"{"type":"new-message","message_id":"9","data":{"message_id":"1","conversation_id":"g_5","sender_id":"2","message_type":1,"content":"r1:3:17","seq_id":42,"timestamp":1},"timestamp":2}"#,
+        )
+        .expect("frame");
+        assert_eq!(f.kind, "new-message");
+        assert_eq!(f.data.seq_id, Some(42));
+        assert_eq!(f.data.conversation_id.as_deref(), Some("g_5"));
+        assert_eq!(f.data.content.as_deref(), Some("r1:3:17"));
+        let pong = parse(r#"{"type":"pong","message_id":"1","data":{},"timestamp":1}"#);
+        assert_eq!(pong.expect("pong").kind, "pong");
+    }
+}

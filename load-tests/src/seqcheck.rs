@@ -1,0 +1,155 @@
+//! The check of every received stream by seq. A recipient's view of one conversation starts
+//! after `base` (the conversation's last seq before the run) and must contain every seq up to
+//! the conversation's last stored one exactly once, in order: its own messages arrive as acks,
+//! everyone else's as `new-message` frames.
+//!
+//! - a **duplicate** is a `new-message` whose seq this stream already has (or one from before
+//!   the run);
+//! - a **reordering** is a `new-message` whose seq is below one already delivered;
+//! - a **gap** is a seq in `base+1..=last` this stream never got, counted after the run drained.
+
+use serde::{Deserialize, Serialize};
+
+/// Tallies over many streams.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqTally {
+    /// `new-message` frames checked.
+    pub delivered: u64,
+    /// Seqs never received (after draining).
+    pub gaps: u64,
+    /// Seqs received more than once.
+    pub duplicates: u64,
+    /// Seqs received after a higher one.
+    pub reordered: u64,
+}
+
+impl SeqTally {
+    /// Field-wise sum.
+    pub fn add(&mut self, o: &Self) {
+        self.delivered += o.delivered;
+        self.gaps += o.gaps;
+        self.duplicates += o.duplicates;
+        self.reordered += o.reordered;
+    }
+
+    /// No gap, no duplicate, no reordering.
+    pub fn clean(&self) -> bool {
+        self.gaps == 0 && self.duplicates == 0 && self.reordered == 0
+    }
+}
+
+/// One recipient's view of one conversation.
+#[derive(Debug, Clone)]
+pub struct SeqStream {
+    base: u64,
+    /// Bit `s - base - 1` is set once seq `s` was seen.
+    seen: Vec<u64>,
+    /// Highest seq delivered as a `new-message`.
+    max_delivered: u64,
+    tally: SeqTally,
+}
+
+/// Streams longer than this (seqs past base) are not tracked bit by bit (16 MiB of bits).
+const MAX_TRACKED: u64 = 128 * 1024 * 1024;
+
+impl SeqStream {
+    /// A stream of a conversation whose last seq before the run was `base`.
+    pub fn new(base: u64) -> Self {
+        Self {
+            base,
+            seen: Vec::new(),
+            max_delivered: base,
+            tally: SeqTally::default(),
+        }
+    }
+
+    /// Marks `seq` seen; false when it already was (or is out of range).
+    fn mark(&mut self, seq: u64) -> bool {
+        if seq <= self.base || seq - self.base > MAX_TRACKED {
+            return false;
+        }
+        let off = seq - self.base - 1;
+        let (word, bit) = ((off / 64) as usize, off % 64);
+        if self.seen.len() <= word {
+            self.seen.resize(word + 1, 0);
+        }
+        let fresh = self.seen[word] & (1 << bit) == 0;
+        self.seen[word] |= 1 << bit;
+        fresh
+    }
+
+    /// A `new-message` with `seq` arrived.
+    pub fn delivered(&mut self, seq: u64) {
+        self.tally.delivered += 1;
+        if !self.mark(seq) {
+            self.tally.duplicates += 1;
+            return;
+        }
+        if seq < self.max_delivered {
+            self.tally.reordered += 1;
+        }
+        self.max_delivered = self.max_delivered.max(seq);
+    }
+
+    /// This recipient's own message was stored with `seq` (its ack).
+    pub fn own(&mut self, seq: u64) {
+        self.mark(seq);
+    }
+
+    /// The tally, with the gaps up to `last` (the conversation's last seq after the run).
+    pub fn finish(&self, last: u64) -> SeqTally {
+        let mut t = self.tally;
+        let expected = last.saturating_sub(self.base).min(MAX_TRACKED);
+        let full_words = (expected / 64) as usize;
+        let mut have: u64 = self
+            .seen
+            .iter()
+            .take(full_words)
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+        let rest = expected % 64;
+        if rest > 0
+            && let Some(w) = self.seen.get(full_words)
+        {
+            have += u64::from((w & ((1u64 << rest) - 1)).count_ones());
+        }
+        t.gaps = expected - have;
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_complete_stream_is_clean() {
+        let mut s = SeqStream::new(10);
+        s.own(11);
+        s.delivered(12);
+        s.own(13);
+        s.delivered(14);
+        let t = s.finish(14);
+        assert!(t.clean(), "{t:?}");
+        assert_eq!(t.delivered, 2);
+    }
+
+    #[test]
+    fn gaps_duplicates_and_reordering_are_counted() {
+        let mut s = SeqStream::new(0);
+        s.delivered(1);
+        s.delivered(3);
+        s.delivered(2); // late
+        s.delivered(3); // again
+        s.delivered(70);
+        let t = s.finish(72);
+        assert_eq!(t.reordered, 1);
+        assert_eq!(t.duplicates, 1);
+        // Missing: 4..=69 (66) and 71, 72.
+        assert_eq!(t.gaps, 68);
+        // A seq from before the run is a duplicate.
+        let mut old = SeqStream::new(5);
+        old.delivered(5);
+        assert_eq!(old.finish(5).duplicates, 1);
+    }
+}
