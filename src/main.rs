@@ -49,7 +49,7 @@ fn main() -> anyhow::Result<()> {
         if let Some(l) = listen {
             config.gateway.listen = l.clone();
         }
-        let listener = listen(&config.gateway.listen)
+        let listener = bind_listener(&config.gateway.listen)
             .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
         let options = gochat::ServeOptions {
             data_dir: cli.data_dir.clone(),
@@ -91,7 +91,7 @@ fn main() -> anyhow::Result<()> {
 
 /// A listening socket with a deep accept backlog (connection storms arrive faster than a
 /// worker accepts; the default of 128 would refuse some) and SO_REUSEADDR (quick restarts).
-fn listen(addr: &str) -> anyhow::Result<std::net::TcpListener> {
+fn bind_listener(addr: &str) -> anyhow::Result<std::net::TcpListener> {
     use std::net::ToSocketAddrs;
     let addr = addr
         .to_socket_addrs()?
