@@ -266,7 +266,13 @@ impl Config {
         if let Some(path) = file {
             f = f.merge(Toml::file_exact(path));
         }
-        f.merge(Env::prefixed("GOCHAT_").split("__"))
+        // Only `GOCHAT_<SECTION>__<FIELD>` variables are configuration; other `GOCHAT_*`
+        // variables (GOCHAT_CONFIG, the tests' GOCHAT_TEST_*) are not.
+        f.merge(
+            Env::prefixed("GOCHAT_")
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        )
     }
 
     /// Reads and checks the configuration.
@@ -395,6 +401,18 @@ mod tests {
             assert_eq!(c.database.pool_size, 5);
             assert_eq!(c.cache.backend, CacheBackend::Redis);
             assert_eq!(c.repo, RepoConfig::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn other_gochat_variables_are_not_configuration() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("GOCHAT_CONFIG", "elsewhere.toml");
+            jail.set_env("GOCHAT_TEST_MYSQL_URL", "mysql://x@y");
+            jail.set_env("GOCHAT_BUS__PARTITIONS", "3");
+            let c = Config::from_figment(&Config::figment(None)).map_err(|e| e.to_string())?;
+            assert_eq!(c.bus.partitions, 3);
             Ok(())
         });
     }

@@ -1161,9 +1161,11 @@ macro_rules! impl_sql_store {
                         )));
                     };
                     let target = seq.min(last_seq).max(0);
-                    // Move an existing pointer forward (X lock), and only then create a missing
-                    // one: a shared lock on a duplicate upgraded later deadlocks concurrent calls.
-                    diesel::update(
+                    // Move an existing pointer forward (X lock); create a missing one with the
+                    // target; and when a concurrent call created it first (our insert was
+                    // ignored), move that one forward too. A lock upgrade between two such
+                    // calls may deadlock InnoDB: retry_tx runs the transaction again.
+                    let forward = diesel::update(
                         user_read_pointers::table
                             .filter(user_read_pointers::user_id.eq(user))
                             .filter(user_read_pointers::conversation_id.eq(conversation))
@@ -1172,18 +1174,21 @@ macro_rules! impl_sql_store {
                     .set((
                         user_read_pointers::last_read_seq_id.eq(target),
                         user_read_pointers::updated_at.eq(now),
-                    ))
-                    .execute(conn)
-                    .await?;
-                    diesel::insert_or_ignore_into(user_read_pointers::table)
-                        .values(&NewReadPointer {
-                            user_id: user,
-                            conversation_id: conversation,
-                            last_read_seq_id: target,
-                            updated_at: now,
-                        })
-                        .execute(conn)
-                        .await?;
+                    ));
+                    if forward.clone().execute(conn).await? == 0 {
+                        let inserted = diesel::insert_or_ignore_into(user_read_pointers::table)
+                            .values(&NewReadPointer {
+                                user_id: user,
+                                conversation_id: conversation,
+                                last_read_seq_id: target,
+                                updated_at: now,
+                            })
+                            .execute(conn)
+                            .await?;
+                        if inserted == 0 {
+                            forward.execute(conn).await?;
+                        }
+                    }
                     let pointer: i64 = user_read_pointers::table
                         .filter(user_read_pointers::user_id.eq(user))
                         .filter(user_read_pointers::conversation_id.eq(conversation))
