@@ -172,8 +172,11 @@ async fn one_conversation(repo: &Repo, args: &Args) -> anyhow::Result<Figure> {
         let messages = (0..BATCH as i64)
             .map(|i| message(&ids, conv, seqs.seq_id + i, 1))
             .collect();
-        repo.save_messages(Request::new(pb::SaveMessagesRequest { messages }))
-            .await?;
+        repo.save_messages(Request::new(pb::SaveMessagesRequest {
+            messages,
+            ..Default::default()
+        }))
+        .await?;
         h.record(t.elapsed().as_micros() as u64)?;
     }
     Ok(figure(
@@ -215,8 +218,11 @@ async fn many_conversations(repo: &Repo, args: &Args) -> anyhow::Result<Figure> 
                 let messages = (0..BATCH as i64)
                     .map(|k| message(&ids, conv, seqs.seq_id + k, 1))
                     .collect();
-                repo.save_messages(Request::new(pb::SaveMessagesRequest { messages }))
-                    .await?;
+                repo.save_messages(Request::new(pb::SaveMessagesRequest {
+                    messages,
+                    ..Default::default()
+                }))
+                .await?;
                 h.record(t.elapsed().as_micros() as u64)?;
             }
             anyhow::Ok(h)
@@ -276,8 +282,11 @@ async fn mixed_batches(repo: &Repo, args: &Args) -> anyhow::Result<Figure> {
                         messages.push(message(&ids, conv, seqs.seq_id + i, 1));
                     }
                 }
-                repo.save_messages(Request::new(pb::SaveMessagesRequest { messages }))
-                    .await?;
+                repo.save_messages(Request::new(pb::SaveMessagesRequest {
+                    messages,
+                    ..Default::default()
+                }))
+                .await?;
                 h.record(t.elapsed().as_micros() as u64)?;
             }
             anyhow::Ok(h)

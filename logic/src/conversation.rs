@@ -507,27 +507,7 @@ async fn process<R: RepoApi, B: Bus>(
         counter!(t::LOGIC_MESSAGES_DUPLICATE).increment(duplicates as u64);
     }
 
-    // 4. Senders have read what they sent.
-    let mut read_to: HashMap<&str, i64> = HashMap::new();
-    for (p, m) in fresh.iter().zip(&stored) {
-        let e = read_to.entry(p.sender.as_str()).or_default();
-        *e = (*e).max(m.seq_id);
-    }
-    for (user, seq) in read_to {
-        if let Err(status) = core
-            .repo
-            .update_read_pointer(Request::new(rpb::UpdateReadPointerRequest {
-                user_id: user.to_owned(),
-                conversation_id: conv.to_owned(),
-                seq_id: seq,
-            }))
-            .await
-        {
-            tracing::warn!(cause = %status, conv, "could not advance the sender's read pointer");
-        }
-    }
-
-    // 5. Acks (only after storage), then delivery of what is new.
+    // 4. Acks (only after storage), then delivery of what is new.
     let mut deliveries = Vec::with_capacity(stored.len());
     for (p, m) in fresh.iter().zip(&stored) {
         core.ack(p, &m.id, m.seq_id, conv).await;
@@ -613,6 +593,8 @@ async fn store<R: RepoApi, B: Bus>(
                     created_at: now,
                 })
                 .collect(),
+            // Senders have read what they sent: their read pointers move in the same transaction.
+            mark_read_by_sender: true,
         };
         match core.repo.save_messages(Request::new(request)).await {
             Ok(r) => {

@@ -128,6 +128,15 @@ pub trait Store: Send + Sync + 'static {
     fn save_messages(
         &self,
         messages: &[Message],
+    ) -> impl Future<Output = StoreResult<Vec<SaveOutcome>>> + Send {
+        self.save_batch(messages, false)
+    }
+    /// [`Store::save_messages`], and with `mark_read` each sender's read pointer also moves to
+    /// its newest newly stored message of the batch, in the same transaction.
+    fn save_batch(
+        &self,
+        messages: &[Message],
+        mark_read: bool,
     ) -> impl Future<Output = StoreResult<Vec<SaveOutcome>>> + Send;
     /// A message by id.
     fn get_message(&self, id: i64) -> impl Future<Output = StoreResult<Option<Message>>> + Send;
@@ -324,8 +333,12 @@ impl Store for AnyStore {
     async fn get_session(&self, id: i64) -> StoreResult<Option<AuthSession>> {
         delegate!(self, s => s.get_session(id))
     }
-    async fn save_messages(&self, messages: &[Message]) -> StoreResult<Vec<SaveOutcome>> {
-        delegate!(self, s => s.save_messages(messages))
+    async fn save_batch(
+        &self,
+        messages: &[Message],
+        mark_read: bool,
+    ) -> StoreResult<Vec<SaveOutcome>> {
+        delegate!(self, s => s.save_batch(messages, mark_read))
     }
     async fn get_message(&self, id: i64) -> StoreResult<Option<Message>> {
         delegate!(self, s => s.get_message(id))

@@ -321,6 +321,7 @@ async fn message_service_round_trip(t: Server) {
     let results = m
         .save_messages(pb::SaveMessagesRequest {
             messages: vec![two.clone(), three.clone(), dup],
+            mark_read_by_sender: false,
         })
         .await
         .expect("SaveMessages")
@@ -1654,7 +1655,10 @@ async fn block_reservation(t: Server) {
         (s..=e).map(|q| save_request(&conv2, 3, q, "", 0)).collect();
     let results = t
         .messages()
-        .save_messages(pb::SaveMessagesRequest { messages: batch })
+        .save_messages(pb::SaveMessagesRequest {
+            messages: batch,
+            mark_read_by_sender: false,
+        })
         .await
         .expect("SaveMessages of a block")
         .into_inner()
@@ -1801,6 +1805,54 @@ async fn unread_counts(t: Server) {
     assert_eq!(read(b, 1_000_000).await, (7, 0));
     assert_eq!(read(b, 0).await, (7, 0));
     assert_eq!(unread(b).await, (0, 7, 7));
+
+    // A batch saved with mark_read_by_sender: each sender has read up to its own newest message,
+    // in the same transaction, and the cached pointers (a's is cached at 6) do not go stale.
+    let (first, last) = t.reserve(&conv, 3).await;
+    assert_eq!((first, last), (8, 10));
+    let batch = vec![
+        save_request(&conv, a, 8, "", 0),
+        save_request(&conv, b, 9, "", 0),
+        save_request(&conv, a, 10, "", 0),
+    ];
+    let results = t
+        .messages()
+        .save_messages(pb::SaveMessagesRequest {
+            messages: batch,
+            mark_read_by_sender: true,
+        })
+        .await
+        .expect("SaveMessages marking read")
+        .into_inner()
+        .results;
+    assert!(results.iter().all(|r| !r.duplicate));
+    assert_eq!(unread(a).await, (0, 10, 10), "a read its own 8 and 10");
+    assert_eq!(unread(b).await, (1, 9, 10), "b read its own 9, not a's 10");
+    assert_eq!(listed(a).await, (0, 10));
+
+    // A sender whose pointer is already ahead keeps it; a first pointer is created.
+    let c = t.seed_users(1).await[0];
+    assert_eq!(read(b, 10).await, (10, 0));
+    let (seq, _) = t.reserve(&conv, 1).await;
+    let late = save_request(&conv, c, seq, "", 0);
+    t.messages()
+        .save_messages(pb::SaveMessagesRequest {
+            messages: vec![late],
+            mark_read_by_sender: true,
+        })
+        .await
+        .expect("SaveMessages by a new sender");
+    assert_eq!(unread(b).await, (1, 10, 11));
+    let r = t
+        .conversations()
+        .get_unread_count(pb::GetUnreadCountRequest {
+            user_id: c.to_string(),
+            conversation_id: conv.clone(),
+        })
+        .await
+        .expect("GetUnreadCount")
+        .into_inner();
+    assert_eq!((r.last_read_seq, r.unread_count), (11, 0));
 }
 
 async fn user_conversations_newest_first(t: Server) {

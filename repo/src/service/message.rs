@@ -82,8 +82,12 @@ impl<S: Store, C: Cache> Repo<S, C> {
     }
 
     /// Stores a batch, then keeps the cache right: dedup entries set, hot pages dropped.
-    pub(crate) async fn save(&self, batch: Vec<Message>) -> Result<Vec<SaveOutcome>, AppError> {
-        let outcomes = match self.store().save_messages(&batch).await {
+    pub(crate) async fn save(
+        &self,
+        batch: Vec<Message>,
+        mark_read: bool,
+    ) -> Result<Vec<SaveOutcome>, AppError> {
+        let outcomes = match self.store().save_batch(&batch, mark_read).await {
             Ok(o) => o,
             Err(StoreError::SeqConflict { conversation, seq }) => {
                 // A stale counter: drop it so the next reservation starts above the floor.
@@ -117,6 +121,19 @@ impl<S: Store, C: Cache> Repo<S, C> {
         );
         for conv in touched {
             cache_write(self.cache().hot_del(conv).await, "hot_messages");
+        }
+        if mark_read {
+            // The senders' read pointers moved in the store: drop their cached copies.
+            let mut senders: Vec<(i64, &str)> = outcomes
+                .iter()
+                .filter(|o| !o.duplicate)
+                .map(|o| (o.message.sender_id, o.message.conversation_id.as_str()))
+                .collect();
+            senders.sort_unstable();
+            senders.dedup();
+            for (user, conv) in senders {
+                cache_write(self.cache().read_ptr_del(user, conv).await, "unread");
+            }
         }
         Ok(outcomes)
     }
@@ -196,7 +213,7 @@ impl<S: Store, C: Cache> MessageService for Repo<S, C> {
     ) -> Result<Response<pb::SaveMessageResponse>, Status> {
         let message = Self::validate_message(request.into_inner())?;
         let outcome = self
-            .save(vec![message])
+            .save(vec![message], false)
             .await?
             .pop()
             .ok_or_else(|| AppError::internal("store returned no outcome"))?;
@@ -221,7 +238,7 @@ impl<S: Store, C: Cache> MessageService for Repo<S, C> {
             .into_iter()
             .map(Self::validate_message)
             .collect::<Result<Vec<_>, _>>()?;
-        let outcomes = self.save(batch).await?;
+        let outcomes = self.save(batch, r.mark_read_by_sender).await?;
         Ok(Response::new(pb::SaveMessagesResponse {
             results: outcomes
                 .iter()

@@ -10,7 +10,8 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures::FutureExt;
 
 use super::sql::{
-    INSERT_CHUNK, Prepared, TxError, impl_sql_store, insert_failure, newest_per_conversation,
+    INSERT_CHUNK, NewReadPointer, Prepared, TxError, impl_sql_store, insert_failure,
+    newest_per_conversation, newest_per_sender,
 };
 use super::{StoreError, StoreResult};
 use crate::model::{Message, SaveOutcome};
@@ -74,7 +75,7 @@ impl MysqlStore {
 
     /// One attempt at storing a batch, in one transaction.
     async fn save_once(&self, p: &Prepared) -> Result<Vec<SaveOutcome>, TxError> {
-        use crate::schema::{conversations, messages};
+        use crate::schema::{conversations, messages, user_read_pointers};
         let mut conn = self.writer().await.map_err(TxError::Store)?;
         conn.transaction::<_, TxError, _>(async |c| {
             // Lock the conversation rows first (X, in primary-key order), then create missing
@@ -130,6 +131,34 @@ impl MysqlStore {
                 ))
                 .execute(c)
                 .await?;
+            }
+            if p.mark_read {
+                for (user, conv, seq) in newest_per_sender(&rows) {
+                    let forward = diesel::update(
+                        user_read_pointers::table
+                            .filter(user_read_pointers::user_id.eq(user))
+                            .filter(user_read_pointers::conversation_id.eq(conv))
+                            .filter(user_read_pointers::last_read_seq_id.lt(seq)),
+                    )
+                    .set((
+                        user_read_pointers::last_read_seq_id.eq(seq),
+                        user_read_pointers::updated_at.eq(p.now),
+                    ));
+                    if forward.clone().execute(c).await? == 0 {
+                        let inserted = diesel::insert_or_ignore_into(user_read_pointers::table)
+                            .values(&NewReadPointer {
+                                user_id: user,
+                                conversation_id: conv,
+                                last_read_seq_id: seq,
+                                updated_at: p.now,
+                            })
+                            .execute(c)
+                            .await?;
+                        if inserted == 0 {
+                            forward.execute(c).await?;
+                        }
+                    }
+                }
             }
             Ok(outcomes)
         })

@@ -238,6 +238,8 @@ pub(crate) struct Prepared {
     pub senders: Vec<i64>,
     /// Transaction time.
     pub now: i64,
+    /// Move each sender's read pointer to its newest new message.
+    pub mark_read: bool,
 }
 
 impl Prepared {
@@ -280,6 +282,7 @@ impl Prepared {
             batch: out,
             conversations: conversations.into_values().collect(),
             now,
+            mark_read: false,
         })
     }
 
@@ -345,6 +348,18 @@ pub(crate) fn newest_per_conversation(rows: &[Message]) -> Vec<&Message> {
         }
     }
     last.into_values().collect()
+}
+
+/// The newest of `rows` per (sender, conversation): where each sender's read pointer moves.
+pub(crate) fn newest_per_sender(rows: &[Message]) -> Vec<(i64, &str, i64)> {
+    let mut last: HashMap<(i64, &str), i64> = HashMap::new();
+    for m in rows {
+        let e = last
+            .entry((m.sender_id, m.conversation_id.as_str()))
+            .or_insert(m.seq_id);
+        *e = (*e).max(m.seq_id);
+    }
+    last.into_iter().map(|((u, c), s)| (u, c, s)).collect()
 }
 
 /// Maps a failed message insert: a raced duplicate retries, a taken seq is a conflict.
@@ -549,15 +564,17 @@ macro_rules! impl_sql_store {
                     .map_err($crate::store::sql::classify)
             }
 
-            async fn save_messages(
+            async fn save_batch(
                 &self,
                 batch: &[$crate::model::Message],
+                mark_read: bool,
             ) -> $crate::store::StoreResult<Vec<$crate::model::SaveOutcome>> {
                 if batch.is_empty() {
                     return Ok(Vec::new());
                 }
-                let prepared =
+                let mut prepared =
                     $crate::store::sql::Prepared::new(batch, gochat_infra::time::now_ms())?;
+                prepared.mark_read = mark_read;
                 let mut attempt = 0usize;
                 loop {
                     match self.save_once(&prepared).await {

@@ -128,10 +128,11 @@ mod sync_save {
     use diesel::prelude::*;
 
     use super::super::sql::{
-        INSERT_CHUNK, Prepared, TxError, insert_failure, newest_per_conversation,
+        INSERT_CHUNK, NewReadPointer, Prepared, TxError, insert_failure, newest_per_conversation,
+        newest_per_sender,
     };
     use crate::model::{Message, SaveOutcome};
-    use crate::schema::{conversations, messages};
+    use crate::schema::{conversations, messages, user_read_pointers};
 
     /// Stores a prepared batch inside an open transaction.
     pub(super) fn save_sync(
@@ -184,6 +185,30 @@ mod sync_save {
                 conversations::updated_at.eq(p.now),
             ))
             .execute(c)?;
+        }
+        if p.mark_read {
+            for (user, conv, seq) in newest_per_sender(&rows) {
+                let forward = diesel::update(
+                    user_read_pointers::table
+                        .filter(user_read_pointers::user_id.eq(user))
+                        .filter(user_read_pointers::conversation_id.eq(conv))
+                        .filter(user_read_pointers::last_read_seq_id.lt(seq)),
+                )
+                .set((
+                    user_read_pointers::last_read_seq_id.eq(seq),
+                    user_read_pointers::updated_at.eq(p.now),
+                ));
+                if forward.execute(c)? == 0 {
+                    diesel::insert_or_ignore_into(user_read_pointers::table)
+                        .values(&NewReadPointer {
+                            user_id: user,
+                            conversation_id: conv,
+                            last_read_seq_id: seq,
+                            updated_at: p.now,
+                        })
+                        .execute(c)?;
+                }
+            }
         }
         Ok(outcomes)
     }
