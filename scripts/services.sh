@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Starts, stops or reports the servers gochat's tests and distributed mode use, each on loopback:
-# MariaDB (127.0.0.1:3306) and Redis (127.0.0.1:6379). Idempotent: a server that already answers
-# is left alone; a missing one is installed from Debian's packages (apt-get, as root) and started.
+# MariaDB (127.0.0.1:3306), Redis (127.0.0.1:6379), etcd (127.0.0.1:2379, peer 2380) and tansu, a
+# Kafka-compatible broker with in-memory storage for the tests (127.0.0.1:9092; production uses
+# Apache Kafka). Idempotent: a server that already answers is left alone; a missing one is
+# installed (Debian's packages through apt-get as root; tansu with `cargo install` into
+# ~/.cache/gochat/tools, which takes several minutes once) and started.
 #
 #   scripts/services.sh up       # install if needed, start, wait until each answers
 #   scripts/services.sh status   # say what answers
@@ -14,6 +17,12 @@ mkdir -p "$STATE_DIR"
 MYSQL_HOST=127.0.0.1
 MYSQL_PORT=3306
 REDIS_PORT=6379
+ETCD_CLIENT_URL=http://127.0.0.1:2379
+ETCD_PEER_URL=http://127.0.0.1:2380
+KAFKA_HOST=127.0.0.1
+KAFKA_PORT=9092
+TOOLS_DIR="${GOCHAT_TOOLS_DIR:-$HOME/.cache/gochat/tools}"
+TANSU="$TOOLS_DIR/bin/tansu"
 
 log() { printf '[services] %s\n' "$*" >&2; }
 
@@ -114,25 +123,117 @@ redis_stop() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Background servers started by this script: pid in $STATE_DIR/NAME.pid, log in $STATE_DIR/NAME.log
+# ---------------------------------------------------------------------------------------------
+stop_started() { # name
+  local pid
+  pid=$(cat "$STATE_DIR/$1.pid" 2>/dev/null) || return 0
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$STATE_DIR/$1.pid"
+}
+
+# ---------------------------------------------------------------------------------------------
+# etcd
+# ---------------------------------------------------------------------------------------------
+etcd_health() { curl -fsS -m 2 "$ETCD_CLIENT_URL/health" 2>/dev/null | grep -q '"health":"true"'; }
+
+etcd_start() {
+  if etcd_health; then return 0; fi
+  if ! command -v etcd >/dev/null 2>&1; then
+    log "installing etcd"
+    apt_install etcd-server etcd-client
+  fi
+  log "starting etcd"
+  mkdir -p "$STATE_DIR/etcd"
+  # etcd refuses architectures other than amd64/arm64/ppc64le unless this variable names them.
+  ETCD_UNSUPPORTED_ARCH="$(dpkg --print-architecture 2>/dev/null || echo amd64)" \
+    setsid nohup etcd --name gochat --data-dir "$STATE_DIR/etcd" \
+    --listen-client-urls "$ETCD_CLIENT_URL" --advertise-client-urls "$ETCD_CLIENT_URL" \
+    --listen-peer-urls "$ETCD_PEER_URL" --initial-advertise-peer-urls "$ETCD_PEER_URL" \
+    --initial-cluster "gochat=$ETCD_PEER_URL" \
+    >>"$STATE_DIR/etcd.log" 2>&1 </dev/null &
+  echo $! >"$STATE_DIR/etcd.pid"
+  if ! wait_for etcd 60 etcd_health; then
+    tail -n 20 "$STATE_DIR/etcd.log" >&2 || true; return 1
+  fi
+}
+
+etcd_stop() { stop_started etcd; }
+
+# ---------------------------------------------------------------------------------------------
+# tansu (Kafka-compatible broker, in-memory storage; tests only)
+# ---------------------------------------------------------------------------------------------
+kafka_port_open() { (exec 3<>"/dev/tcp/$KAFKA_HOST/$KAFKA_PORT") 2>/dev/null; }
+# A metadata round trip, when tansu's client is at hand; else the port answering is enough.
+kafka_ready() {
+  kafka_port_open || return 1
+  if [ -x "$TANSU" ]; then
+    timeout 10 "$TANSU" topic list --broker "tcp://$KAFKA_HOST:$KAFKA_PORT" >/dev/null 2>&1
+  fi
+}
+
+tansu_install() {
+  if [ -x "$TANSU" ]; then return 0; fi
+  if ! command -v cargo >/dev/null 2>&1; then
+    log "tansu is missing and cargo is not installed; install Rust and retry"; return 1
+  fi
+  log "installing tansu into $TOOLS_DIR (cargo install; this takes 8+ minutes the first time)"
+  CARGO_TARGET_DIR="$HOME/.cache/gochat/tansu-target" \
+    cargo install tansu --locked --features dynostore --root "$TOOLS_DIR" >&2
+}
+
+tansu_start() {
+  if kafka_port_open; then
+    wait_for "Kafka broker metadata" 20 kafka_ready
+    return
+  fi
+  tansu_install
+  log "starting tansu on $KAFKA_HOST:$KAFKA_PORT"
+  setsid nohup "$TANSU" broker --storage-engine memory://tansu/ \
+    --listener-url "tcp://$KAFKA_HOST:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://$KAFKA_HOST:$KAFKA_PORT" \
+    >>"$STATE_DIR/tansu.log" 2>&1 </dev/null &
+  echo $! >"$STATE_DIR/tansu.pid"
+  if ! wait_for tansu 60 kafka_ready; then
+    tail -n 20 "$STATE_DIR/tansu.log" >&2 || true; return 1
+  fi
+}
+
+tansu_stop() { stop_started tansu; }
+
+# ---------------------------------------------------------------------------------------------
 
 print_env() {
   echo "export GOCHAT_TEST_MYSQL_URL=$(mysql_url)"
   echo "export GOCHAT_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT"
+  echo "export GOCHAT_TEST_KAFKA_BROKERS=$KAFKA_HOST:$KAFKA_PORT"
+  echo "export GOCHAT_TEST_ETCD_ENDPOINTS=$ETCD_CLIENT_URL"
 }
 
 case "${1:-}" in
   up)
     mysql_start
     redis_start
-    log "up: MariaDB $(mysql_url | sed 's/:[^:@]*@/:***@/'), Redis 127.0.0.1:$REDIS_PORT"
+    etcd_start
+    tansu_start
+    log "up: MariaDB $(mysql_url | sed 's/:[^:@]*@/:***@/'), Redis 127.0.0.1:$REDIS_PORT," \
+      "etcd $ETCD_CLIENT_URL, Kafka (tansu) $KAFKA_HOST:$KAFKA_PORT"
     ;;
   down)
+    tansu_stop
+    etcd_stop
     redis_stop
     mysql_stop
     ;;
   status)
     if mysql_up_any >/dev/null 2>&1; then echo "mariadb: up"; else echo "mariadb: down"; fi
     if redis_ping; then echo "redis: up"; else echo "redis: down"; fi
+    if etcd_health; then echo "etcd: up"; else echo "etcd: down"; fi
+    if kafka_port_open; then echo "kafka: up"; else echo "kafka: down"; fi
     ;;
   env)
     print_env

@@ -9,6 +9,8 @@
 //! [`ServeAdmin`]; a sampler records bus lag every second. It must run inside an actix `System`
 //! (the gateway and the actors need one); `main` and the tests provide it.
 
+pub mod cluster;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -31,13 +31,38 @@ enum Command {
         listen: Option<String>,
     },
     /// Apply pending database migrations and exit.
-    Migrate,
-    /// Run the repo service (users, messages, groups, conversations, presence) over gRPC.
+    Migrate {
+        /// Create the MySQL database first unless it exists.
+        #[arg(long)]
+        create_database: bool,
+    },
+    /// Run the repo service (users, messages, groups, conversations, presence) over gRPC,
+    /// registered in discovery (distributed mode).
     Repo {
         /// gRPC listen address (overrides `[repo] listen`).
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Run the logic service: auth, conversations and groups over gRPC, and the Conversation
+    /// actors consuming `im-upstream-topic` (distributed mode: Kafka, repo via discovery).
+    Logic {
+        /// gRPC listen address (overrides `[logic] listen`).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run a gateway: the HTTP API and WebSocket, logic via discovery, deliveries from its
+    /// `im-downstream-topic-{id}` (distributed mode).
+    Gateway {
+        /// HTTP + WebSocket listen address (overrides `[gateway] listen`).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Gateway id (overrides `[gateway] id`; `auto` claims one in etcd).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Run the task service: big-group and world-room fanout from `im-task-topic`
+    /// (distributed mode).
+    Task,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +70,43 @@ fn main() -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref())?;
     init_tracing(&config);
     raise_open_file_limit();
+    match &cli.command {
+        Command::Logic { listen } => {
+            if let Some(l) = listen {
+                config.logic.listen = l.clone();
+            }
+            anyhow::ensure!(
+                !config.auth.jwt_secret.is_empty(),
+                "gochat logic needs [auth] jwt_secret (GOCHAT_AUTH__JWT_SECRET), the same on every logic instance"
+            );
+            let secret = config.auth.jwt_secret.clone();
+            return actix_rt::System::new().block_on(gochat::cluster::run_logic(
+                config,
+                secret,
+                shutdown_signal(),
+            ));
+        }
+        Command::Gateway { listen, id } => {
+            if let Some(l) = listen {
+                config.gateway.listen = l.clone();
+            }
+            if let Some(id) = id {
+                config.gateway.id = id.clone();
+            }
+            let listener = bind_listener(&config.gateway.listen)
+                .with_context(|| format!("cannot listen on {}", config.gateway.listen))?;
+            return actix_rt::System::new().block_on(gochat::cluster::run_gateway(
+                config,
+                listener,
+                shutdown_signal(),
+            ));
+        }
+        Command::Task => {
+            return actix_rt::System::new()
+                .block_on(gochat::cluster::run_task(config, shutdown_signal()));
+        }
+        _ => {}
+    }
     if let Command::Serve { listen } = &cli.command {
         if let Some(l) = listen {
             config.gateway.listen = l.clone();
@@ -68,9 +130,17 @@ fn main() -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve { .. } => Ok(()),
-            Command::Migrate => {
+            Command::Serve { .. }
+            | Command::Logic { .. }
+            | Command::Gateway { .. }
+            | Command::Task => Ok(()),
+            Command::Migrate { create_database } => {
                 let url = gochat_repo::run::database_url(&config, &cli.data_dir);
+                if create_database {
+                    gochat_repo::store::AnyStore::create_database(&url)
+                        .await
+                        .context("creating the database")?;
+                }
                 let store = gochat_repo::store::AnyStore::open(&url, 1)
                     .await
                     .context("migrating the database")?;
@@ -81,9 +151,7 @@ fn main() -> anyhow::Result<()> {
                 if let Some(l) = listen {
                     config.repo.listen = l;
                 }
-                gochat_repo::run::run(&config, &cli.data_dir, shutdown_signal())
-                    .await
-                    .context("repo service")
+                gochat::cluster::run_repo(config, &cli.data_dir, shutdown_signal()).await
             }
         }
     })
@@ -122,7 +190,10 @@ fn init_tracing(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal: logs written to files stay plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if config.log.format == "json" {
         builder.json().init();
     } else {

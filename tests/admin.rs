@@ -109,7 +109,7 @@ async fn metrics_and_admin_after_real_traffic() {
     at_least("gochat_logic_messages_stored_total", 3.0);
     at_least("gochat_logic_messages_duplicate_total", 1.0);
     at_least(
-        "gochat_store_duration_seconds_count{op=\"save_messages\"}",
+        "gochat_store_duration_seconds_count{op=\"save_batch\"}",
         1.0,
     );
     at_least("gochat_cache_duration_seconds_count{op=\"seq_incr\"}", 1.0);
@@ -146,7 +146,7 @@ async fn metrics_and_admin_after_real_traffic() {
     );
     for name in [
         "gochat_bus_consumer_lag{group=\"im-logic\",topic=\"im-upstream-topic\"}",
-        "gochat_store_duration_seconds_bucket{op=\"save_messages\",le=\"0.005\"}",
+        "gochat_store_duration_seconds_bucket{op=\"save_batch\",le=\"0.005\"}",
     ] {
         assert!(sample(&text, name).is_some(), "{name} missing:\n{text}");
     }

@@ -29,6 +29,10 @@ pub struct Config {
     pub logic: LogicConfig,
     /// The message bus.
     pub bus: BusConfig,
+    /// How services find each other (distributed mode).
+    pub discovery: DiscoveryConfig,
+    /// Calls between services over gRPC (distributed mode).
+    pub rpc: RpcConfig,
     /// Logging.
     pub log: LogConfig,
     /// Admin endpoints.
@@ -96,6 +100,9 @@ impl Default for CacheConfig {
 pub struct RepoConfig {
     /// gRPC listen address of `gochat repo`.
     pub listen: String,
+    /// The address other services dial, as registered in etcd (`http://host:port`). Empty:
+    /// derived from `listen`.
+    pub advertise: String,
     /// Snowflake node id of this instance (0..=1023), unique among repo instances.
     pub node_id: u16,
     /// Largest group.
@@ -112,6 +119,7 @@ impl Default for RepoConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9100".into(),
+            advertise: String::new(),
             node_id: 0,
             max_group_members: 100_000,
             argon2_memory_kib: 19_456,
@@ -127,7 +135,9 @@ impl Default for RepoConfig {
 pub struct GatewayConfig {
     /// HTTP + WebSocket listen address (`serve` and `gochat gateway`).
     pub listen: String,
-    /// This gateway's id, unique among live gateways (names its downstream topic).
+    /// This gateway's id, unique among live gateways (names its downstream topic). With etcd
+    /// discovery, `auto` claims the first free `gw-N`; a fixed id is claimed exactly (a second
+    /// live gateway with the same id is refused at start).
     pub id: String,
     /// Largest WebSocket frame in bytes.
     pub max_frame_bytes: usize,
@@ -182,6 +192,10 @@ impl Default for AuthConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogicConfig {
+    /// gRPC listen address of `gochat logic`.
+    pub listen: String,
+    /// The address other services dial, as registered in etcd. Empty: derived from `listen`.
+    pub advertise: String,
     /// Snowflake node id of this logic instance (0..=1023).
     pub node_id: u16,
     /// Arbiters (threads) for Conversation actors (0: one per core).
@@ -199,6 +213,8 @@ pub struct LogicConfig {
 impl Default for LogicConfig {
     fn default() -> Self {
         Self {
+            listen: "127.0.0.1:9200".into(),
+            advertise: String::new(),
             node_id: 1,
             arbiters: 0,
             mailbox_capacity: 1024,
@@ -213,13 +229,134 @@ impl Default for LogicConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BusConfig {
+    /// `memory` (in-process; `serve` only) or `kafka` (the distributed services).
+    pub backend: BusBackend,
     /// Partitions of `im-upstream-topic` (and the other topics gochat creates).
     pub partitions: u32,
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Replication factor of the topics gochat creates (3 on a production cluster).
+    pub replication_factor: i32,
+    /// Prefix of every Kafka topic and consumer group gochat uses (`<namespace>.im-upstream-topic`),
+    /// so several deployments can share one Kafka cluster. Empty: the spec's names as they are.
+    pub namespace: String,
+    /// Milliseconds after which the broker gives a silent consumer's partitions to the rest of
+    /// its group (`session.timeout.ms`): how long a crashed logic's conversations wait for a new
+    /// owner.
+    pub session_timeout_ms: u64,
+    /// Extra librdkafka properties for every Kafka client (tuning; this build has no TLS or
+    /// SASL); the settings gochat's guarantees rely on cannot be overridden.
+    pub properties: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for BusConfig {
     fn default() -> Self {
-        Self { partitions: 8 }
+        Self {
+            backend: BusBackend::Memory,
+            partitions: 8,
+            brokers: "127.0.0.1:9092".into(),
+            replication_factor: 1,
+            namespace: String::new(),
+            session_timeout_ms: 10_000,
+            properties: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// Which bus joins the services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusBackend {
+    /// In-process (`serve`).
+    Memory,
+    /// Kafka (rdkafka).
+    Kafka,
+}
+
+/// How services find each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryBackend {
+    /// Fixed addresses from this file.
+    Static,
+    /// etcd: instances register with a lease; callers watch.
+    Etcd,
+}
+
+/// `[discovery]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// `static` or `etcd`.
+    pub backend: DiscoveryBackend,
+    /// etcd client URLs.
+    pub etcd_endpoints: Vec<String>,
+    /// Prefix of every key gochat writes in etcd.
+    pub prefix: String,
+    /// Seconds a registration outlives its instance (the lease TTL): a crashed instance
+    /// disappears from every caller's view within this time.
+    pub lease_ttl_secs: u64,
+    /// Static discovery: the repo instances (`http://host:port`).
+    pub repo_addrs: Vec<String>,
+    /// Static discovery: the logic instances.
+    pub logic_addrs: Vec<String>,
+    /// Static discovery: the live gateway ids (the world room goes to each).
+    pub gateway_ids: Vec<String>,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            backend: DiscoveryBackend::Static,
+            etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/gochat".into(),
+            lease_ttl_secs: 10,
+            repo_addrs: vec!["http://127.0.0.1:9100".into()],
+            logic_addrs: vec!["http://127.0.0.1:9200".into()],
+            gateway_ids: vec!["gw-1".into()],
+        }
+    }
+}
+
+/// `[rpc]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RpcConfig {
+    /// Deadline of one call attempt, in milliseconds.
+    pub timeout_ms: u64,
+    /// Retries of an idempotent call after the first attempt (spec: 3).
+    pub max_retries: usize,
+    /// Wait before the first retry in milliseconds (spec: 100); doubles per retry.
+    pub initial_backoff_ms: u64,
+    /// Longest wait between retries in milliseconds (spec: 5000).
+    pub max_backoff_ms: u64,
+    /// Milliseconds to wait for a TCP connection to another service.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        Self {
+            timeout_ms: 5000,
+            max_retries: 3,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 5000,
+            connect_timeout_ms: 2000,
+        }
+    }
+}
+
+impl RpcConfig {
+    /// The call policy of this configuration.
+    pub fn policy(&self) -> crate::rpc::RpcPolicy {
+        crate::rpc::RpcPolicy {
+            timeout: std::time::Duration::from_millis(self.timeout_ms.max(1)),
+            max_retries: self.max_retries,
+            initial_backoff: std::time::Duration::from_millis(self.initial_backoff_ms),
+            max_backoff: std::time::Duration::from_millis(
+                self.max_backoff_ms.max(self.initial_backoff_ms),
+            ),
+        }
     }
 }
 
@@ -325,6 +462,34 @@ impl Config {
         if !self.auth.jwt_secret.is_empty() && self.auth.jwt_secret.len() < 32 {
             return Err(ConfigError(
                 "auth.jwt_secret must be at least 32 bytes".into(),
+            ));
+        }
+        if self.discovery.backend == DiscoveryBackend::Etcd
+            && (self.discovery.etcd_endpoints.is_empty() || self.discovery.lease_ttl_secs < 2)
+        {
+            return Err(ConfigError(
+                "discovery.etcd_endpoints must name at least one endpoint and discovery.lease_ttl_secs be at least 2".into(),
+            ));
+        }
+        if self.bus.backend == BusBackend::Kafka && self.bus.brokers.trim().is_empty() {
+            return Err(ConfigError(
+                "bus.brokers must name the Kafka brokers".into(),
+            ));
+        }
+        if !self
+            .bus
+            .namespace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(ConfigError(
+                "bus.namespace must be letters, digits, '-', '_' or '.' (it prefixes topic names)"
+                    .into(),
+            ));
+        }
+        if self.bus.replication_factor < 1 {
+            return Err(ConfigError(
+                "bus.replication_factor must be at least 1".into(),
             ));
         }
         if self.gateway.id.is_empty()

@@ -5,8 +5,9 @@
 //! leaves or crashes is delivered again to the member that takes its partitions over.
 //!
 //! Two implementations share these semantics: [`memory::MemoryBus`] (in-process, `serve` mode)
-//! and the Kafka bus (rdkafka, distributed mode).
+//! and [`kafka::KafkaBus`] (Apache Kafka through rdkafka, distributed mode).
 
+pub mod kafka;
 pub mod memory;
 
 use std::collections::BTreeMap;
@@ -84,7 +85,8 @@ pub trait Bus: Producer + Clone {
     ) -> impl Future<Output = Result<Self::Consumer, MqError>> + Send;
 }
 
-/// The partition of `key` among `partitions` (FNV-1a; stable across processes and versions).
+/// The partition of `key` among `partitions` in the in-process bus (FNV-1a; stable across
+/// processes and versions). The Kafka bus uses the Java client's murmur2 partitioner instead.
 pub fn partition_for(key: &str, partitions: u32) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in key.bytes() {

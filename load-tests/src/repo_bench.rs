@@ -166,6 +166,7 @@ async fn one_conversation(repo: &Repo, args: &Args) -> anyhow::Result<Figure> {
             .generate_seq_id(Request::new(pb::GenerateSeqIdRequest {
                 conversation_id: conv.into(),
                 count: BATCH as i64,
+                from_stored: false,
             }))
             .await?
             .into_inner();
@@ -212,6 +213,7 @@ async fn many_conversations(repo: &Repo, args: &Args) -> anyhow::Result<Figure> 
                     .generate_seq_id(Request::new(pb::GenerateSeqIdRequest {
                         conversation_id: conv.clone(),
                         count: BATCH as i64,
+                        from_stored: false,
                     }))
                     .await?
                     .into_inner();
@@ -275,6 +277,7 @@ async fn mixed_batches(repo: &Repo, args: &Args) -> anyhow::Result<Figure> {
                         .generate_seq_id(Request::new(pb::GenerateSeqIdRequest {
                             conversation_id: conv.into(),
                             count: n,
+                            from_stored: false,
                         }))
                         .await?
                         .into_inner();
@@ -323,6 +326,7 @@ async fn seq_blocks(repo: &Repo, args: &Args) -> anyhow::Result<Figure> {
                     .generate_seq_id(Request::new(pb::GenerateSeqIdRequest {
                         conversation_id: conv.clone(),
                         count: block,
+                        from_stored: false,
                     }))
                     .await?
                     .into_inner();

@@ -249,7 +249,7 @@ fn start_actor<R: RepoApi, B: Bus>(
             queued: Vec::new(),
             busy: false,
             last_active: Instant::now(),
-            spare: Vec::new(),
+            seqs: Seqs::new(),
             load: actor_load,
             _alive: Alive::new(),
         }
@@ -287,8 +287,8 @@ pub struct ConversationActor<R: RepoApi, B: Bus> {
     busy: bool,
     /// Last time a batch finished.
     last_active: Instant,
-    /// Seqs reserved by a batch that could not store; used first by the next batch.
-    spare: Vec<i64>,
+    /// Seqs reserved but not stored yet, and whether the counter must be re-read from storage.
+    seqs: Seqs,
     /// What `/admin/actors` reads about this actor.
     load: Arc<ActorLoad>,
     /// Keeps the actor counted while it lives.
@@ -347,23 +347,23 @@ impl<R: RepoApi, B: Bus> ConversationActor<R, B> {
         let core = self.core.clone();
         let conv = self.id.clone();
         let kind = self.kind;
-        let spare = std::mem::take(&mut self.spare);
+        let seqs = std::mem::take(&mut self.seqs);
         let load = Arc::clone(&self.load);
         let started = Instant::now();
         let fut = async move {
             let (messages, done): (Vec<UpstreamMessage>, Vec<oneshot::Sender<()>>) =
                 batch.into_iter().map(|i| (i.message, i.done)).unzip();
-            let spare = process(&core, &conv, kind, messages, spare).await;
+            let seqs = process(&core, &conv, kind, messages, seqs).await;
             for d in done {
                 let _ = d.send(());
             }
             load.finished(take);
             histogram!(t::HANDLING_SECONDS, "kind" => "conversation")
                 .record(started.elapsed().as_secs_f64());
-            spare
+            seqs
         };
-        ctx.spawn(fut.into_actor(self).map(|spare, act, ctx| {
-            act.spare = spare;
+        ctx.spawn(fut.into_actor(self).map(|seqs, act, ctx| {
+            act.seqs = seqs;
             act.busy = false;
             act.last_active = Instant::now();
             if !act.queued.is_empty() {
@@ -380,14 +380,14 @@ struct Pending {
     session: String,
 }
 
-/// Handles one batch; returns the seqs left unused (to reuse next time).
+/// Handles one batch; returns the seq state for the next one.
 async fn process<R: RepoApi, B: Bus>(
     core: &Core<R, B>,
     conv: &str,
     kind: ConversationKind,
     messages: Vec<UpstreamMessage>,
-    mut spare: Vec<i64>,
-) -> Vec<i64> {
+    mut seqs: Seqs,
+) -> Seqs {
     // 1. Validate, and check membership once per sender.
     let mut valid = Vec::with_capacity(messages.len());
     let mut membership: HashMap<String, Result<i64, AppError>> = HashMap::new();
@@ -481,7 +481,7 @@ async fn process<R: RepoApi, B: Bus>(
     let retries = originals.len() + repeats.len();
 
     // 3. Seqs, ids, storage.
-    let stored = match store(core, conv, &fresh, &mut spare).await {
+    let stored = match store(core, conv, &fresh, &mut seqs).await {
         Ok(stored) => stored,
         Err(e) => {
             tracing::error!(cause = %e, conv, "storing a batch failed; senders told to retry");
@@ -496,7 +496,7 @@ async fn process<R: RepoApi, B: Bus>(
                 )
                 .await;
             }
-            return spare;
+            return seqs;
         }
     };
 
@@ -537,7 +537,7 @@ async fn process<R: RepoApi, B: Bus>(
         // Stored and acknowledged: recipients will find the messages by seq when they pull.
         tracing::error!(cause = %e, conv, "delivery failed after storage");
     }
-    spare
+    seqs
 }
 
 /// What was stored for one fresh message.
@@ -550,18 +550,62 @@ struct Stored {
     duplicate: bool,
 }
 
+/// The seq state an actor keeps between batches.
+///
+/// Seqs come from repo's counter in blocks sized to the batch. Two things would leave a gap in a
+/// conversation's seqs: seqs reserved but never stored, and a counter that moved without this
+/// actor knowing the outcome (a reservation whose answer was lost, a crashed previous owner).
+/// Reserved-but-unstored seqs are kept in `spare` and used first by the next batch; and whenever
+/// the counter's state is unknown (a new actor, which may be taking over from a crashed or
+/// rebalanced owner; a failed reservation; a seq conflict) the next reservation asks repo to
+/// restart the counter right after the largest stored seq (`from_stored`). Storage's unique
+/// (conversation, seq) index turns any overlap with another owner into a conflict, never into
+/// two messages with one seq.
+#[derive(Debug)]
+pub(crate) struct Seqs {
+    /// Reserved, not stored; ascending.
+    spare: Vec<i64>,
+    /// The next reservation restarts the counter from storage.
+    resync: bool,
+}
+
+impl Seqs {
+    /// The state of a new actor: nothing reserved, counter unknown.
+    pub(crate) fn new() -> Self {
+        Self {
+            spare: Vec::new(),
+            resync: true,
+        }
+    }
+
+    /// Gives unstored seqs back for the next batch.
+    fn give_back(&mut self, seqs: impl IntoIterator<Item = i64>) {
+        self.spare.extend(seqs);
+        self.spare.sort_unstable();
+        self.spare.dedup();
+    }
+}
+
+impl Default for Seqs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Reserves seqs (spare ones first), builds the rows and saves them, retrying transient
 /// failures with the spec's backoff and a seq conflict with fresh seqs.
 async fn store<R: RepoApi, B: Bus>(
     core: &Core<R, B>,
     conv: &str,
     fresh: &[Pending],
-    spare: &mut Vec<i64>,
+    state: &mut Seqs,
 ) -> Result<Vec<Stored>, AppError> {
     if fresh.is_empty() {
         return Ok(Vec::new());
     }
     let now = now_ms();
+    // Ids are fixed across attempts: a save that committed but whose answer was lost is found
+    // again by id on the next attempt (a "duplicate" of our own message, which is not one).
     let ids: Vec<i64> = fresh.iter().map(|_| core.ids.next_id()).collect();
     let mut delay = Duration::from_millis(100);
     let mut last_err = AppError::internal("not attempted");
@@ -570,7 +614,7 @@ async fn store<R: RepoApi, B: Bus>(
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         }
-        let seqs = match take_seqs(core, conv, fresh.len(), spare).await {
+        let seqs = match take_seqs(core, conv, fresh.len(), state).await {
             Ok(s) => s,
             Err(e) => {
                 last_err = e;
@@ -599,37 +643,41 @@ async fn store<R: RepoApi, B: Bus>(
         match core.repo.save_messages(Request::new(request)).await {
             Ok(r) => {
                 let results = r.into_inner().results;
-                let used: HashSet<i64> = results
-                    .iter()
-                    .filter(|r| !r.duplicate)
-                    .filter_map(|r| r.message.as_ref().map(|m| m.seq_id))
-                    .collect();
-                // Seqs of messages that turned out to be duplicates were not used: keep them.
-                spare.extend(seqs.iter().filter(|s| !used.contains(s)));
-                spare.sort_unstable();
-                return Ok(results
+                let stored: Vec<Stored> = results
                     .into_iter()
-                    .map(|r| {
+                    .zip(&ids)
+                    .map(|(r, id)| {
                         let m = r.message.unwrap_or_default();
+                        // Our own message, stored by an earlier attempt, is new, not a duplicate.
+                        let duplicate = r.duplicate && m.id != id.to_string();
                         Stored {
                             id: m.id,
                             seq_id: m.seq_id,
                             message_type: m.message_type,
                             content: m.content,
                             created_at: m.created_at,
-                            duplicate: r.duplicate,
+                            duplicate,
                         }
                     })
-                    .collect());
+                    .collect();
+                let used: HashSet<i64> = stored
+                    .iter()
+                    .filter(|m| !m.duplicate)
+                    .map(|m| m.seq_id)
+                    .collect();
+                // Seqs of messages that turned out to be duplicates were not used: keep them.
+                state.give_back(seqs.into_iter().filter(|s| !used.contains(s)));
+                return Ok(stored);
             }
             Err(status) => {
                 let e = repo_err(status);
                 if e.code == ErrorCode::SeqConflict {
-                    // Another owner (a rebalance) or a stale counter: those seqs are taken.
-                    spare.clear();
+                    // Another owner (a rebalance) or a stale counter: those seqs are taken, and
+                    // the counter must restart from what is stored.
+                    state.spare.clear();
+                    state.resync = true;
                 } else {
-                    spare.extend(seqs);
-                    spare.sort_unstable();
+                    state.give_back(seqs);
                 }
                 if matches!(
                     e.code,
@@ -644,14 +692,20 @@ async fn store<R: RepoApi, B: Bus>(
     Err(last_err)
 }
 
+/// `n` seqs: spare ones first, then a reservation from repo (restarting the counter from
+/// storage when its state is unknown).
 async fn take_seqs<R: RepoApi, B: Bus>(
     core: &Core<R, B>,
     conv: &str,
     n: usize,
-    spare: &mut Vec<i64>,
+    state: &mut Seqs,
 ) -> Result<Vec<i64>, AppError> {
-    let from_spare = n.min(spare.len());
-    let mut seqs: Vec<i64> = spare.drain(..from_spare).collect();
+    if state.resync {
+        // Whatever was spare lies above the stored maximum and is handed out again.
+        state.spare.clear();
+    }
+    let from_spare = n.min(state.spare.len());
+    let mut seqs: Vec<i64> = state.spare.drain(..from_spare).collect();
     let need = n - from_spare;
     if need > 0 {
         let r = core
@@ -659,16 +713,19 @@ async fn take_seqs<R: RepoApi, B: Bus>(
             .generate_seq_id(Request::new(rpb::GenerateSeqIdRequest {
                 conversation_id: conv.to_owned(),
                 count: i64::try_from(need).unwrap_or(i64::MAX),
+                from_stored: state.resync,
             }))
             .await;
         match r {
             Ok(r) => {
                 let r = r.into_inner();
                 seqs.extend(r.seq_id..=r.end_seq_id);
+                state.resync = false;
             }
             Err(status) => {
-                spare.extend(seqs);
-                spare.sort_unstable();
+                state.give_back(seqs);
+                // The counter may have moved without us seeing the answer.
+                state.resync = true;
                 return Err(repo_err(status));
             }
         }

@@ -14,6 +14,7 @@
 
 mod api;
 pub mod auth;
+pub mod client;
 pub mod conversation;
 pub mod deliver;
 mod presence;
@@ -95,6 +96,21 @@ impl<R: RepoApi, B: Bus> Logic<R, B> {
     /// Shared state (for the upstream consumer and tests).
     pub fn core(&self) -> &Arc<Core<R, B>> {
         &self.core
+    }
+
+    /// The four logic services as tonic routes, for `gochat logic`'s gRPC server.
+    pub fn routes(&self) -> tonic::service::Routes {
+        use gochat_proto::logic as pb;
+        tonic::service::Routes::new(pb::auth_service_server::AuthServiceServer::new(
+            self.clone(),
+        ))
+        .add_service(pb::conversation_service_server::ConversationServiceServer::new(self.clone()))
+        .add_service(pb::group_service_server::GroupServiceServer::new(
+            self.clone(),
+        ))
+        .add_service(pb::presence_service_server::PresenceServiceServer::new(
+            self.clone(),
+        ))
     }
 
     /// Number of live Conversation actors.

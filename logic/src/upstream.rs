@@ -93,7 +93,7 @@ async fn finish<C: Consumer>(
         window.pop_front();
     }
     if let Some(o) = last {
-        consumer
+        let committed = consumer
             .commit(&Record {
                 topic: UPSTREAM_TOPIC.to_owned(),
                 partition,
@@ -102,7 +102,14 @@ async fn finish<C: Consumer>(
                 payload: Vec::new(),
                 headers: BTreeMap::new(),
             })
-            .await?;
+            .await;
+        match committed {
+            Ok(()) => {}
+            Err(MqError::Closed) => return Err(MqError::Closed),
+            // A failed commit only means these records may come again (to us or to the
+            // partition's next owner); handling them again changes nothing (dedup).
+            Err(e) => tracing::warn!(cause = %e, partition, offset = o, "upstream commit failed"),
+        }
     }
     Ok(())
 }

@@ -5,9 +5,10 @@
 //! ([`cache`], Cache-Aside), falls back to the store ([`store`]) on a miss or a cache failure,
 //! and writes to the store first and then deletes the cache entry. In `serve` mode the logic
 //! and task services call the same service structs in-process; in the distributed mode they
-//! reach them over gRPC.
+//! reach them over gRPC through [`client::RepoClient`], which implements the same traits.
 
 pub mod cache;
+pub mod client;
 pub mod model;
 pub mod schema;
 pub mod service;

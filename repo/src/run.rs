@@ -1,11 +1,10 @@
-//! Building the repo service from configuration, and running it as a gRPC server.
+//! Building the repo service from configuration (`gochat serve` runs it in-process; `gochat
+//! repo` serves it over gRPC, see the root crate's `cluster` module).
 
-use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
 use gochat_infra::config::{CacheBackend, Config};
-use tokio::net::TcpListener;
 
 use crate::cache::memory::MemoryCache;
 use crate::cache::redis::RedisCache;
@@ -22,17 +21,6 @@ pub enum StartError {
     /// The cache.
     #[error(transparent)]
     Cache(#[from] CacheError),
-    /// The gRPC server.
-    #[error("grpc server: {0}")]
-    Server(#[from] tonic::transport::Error),
-    /// The listen address.
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        /// The address.
-        addr: String,
-        /// Why.
-        source: std::io::Error,
-    },
 }
 
 /// The database URL of `config`, defaulting to `<data_dir>/gochat.db`.
@@ -68,23 +56,4 @@ pub async fn build(config: &Config, data_dir: &Path) -> Result<Repo, StartError>
     };
     tracing::info!(engine = store.engine(), cache = ?config.cache.backend, "repo data layer ready");
     Ok(Repo::new(store, cache, settings(config)))
-}
-
-/// Runs `gochat repo`: the five services over gRPC on `config.repo.listen` until `shutdown`.
-pub async fn run(
-    config: &Config,
-    data_dir: &Path,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), StartError> {
-    let repo = build(config, data_dir).await?;
-    let listener = TcpListener::bind(&config.repo.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.repo.listen.clone(),
-            source,
-        })?;
-    tracing::info!(addr = %config.repo.listen, "repo gRPC listening");
-    repo.serve(listener, shutdown).await?;
-    tracing::info!("repo stopped");
-    Ok(())
 }

@@ -13,7 +13,6 @@ pub mod message;
 pub mod presence;
 pub mod user;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +20,6 @@ use gochat_infra::ids::{Snowflake, parse_id};
 use gochat_infra::{AppError, ErrorCode};
 use gochat_proto::repo as pb;
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 
 use crate::cache::{AnyCache, Cache, CacheResult};
 use crate::model;
@@ -137,29 +135,8 @@ impl<S: Store, C: Cache> Repo<S, C> {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
-        let incoming = tokio_stream_incoming(listener);
-        Server::builder()
-            .add_routes(self.routes())
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
+        gochat_infra::rpc::serve(self.routes(), listener, shutdown).await
     }
-}
-
-/// A listener as the stream of accepted connections tonic wants.
-fn tokio_stream_incoming(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures::stream::unfold(listener, |listener| async move {
-        let accepted = listener
-            .accept()
-            .await
-            .map(|(stream, _addr): (_, SocketAddr)| {
-                // Chat RPCs are small; do not let Nagle hold them back.
-                let _ = stream.set_nodelay(true);
-                stream
-            });
-        Some((accepted, listener))
-    })
 }
 
 /// A cache read: a failure is logged and counts as a miss.

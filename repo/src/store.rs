@@ -156,6 +156,10 @@ pub trait Store: Send + Sync + 'static {
     /// The lowest value a seq counter may restart from: the largest stored seq, or the largest
     /// seq reserved through [`Store::reserve_seq`], whichever is higher.
     fn seq_floor(&self, conversation: &str) -> impl Future<Output = StoreResult<i64>> + Send;
+    /// Forgets seqs reserved through [`Store::reserve_seq`] but never stored: the durable
+    /// counter restarts at the conversation's last stored seq. The conversation's owner calls it
+    /// (through `GenerateSeqID.from_stored`) when the counter's state is unknown.
+    fn rewind_seq(&self, conversation: &str) -> impl Future<Output = StoreResult<()>> + Send;
     /// Reserves `n` seqs durably in the database (the fallback while the cache is down) and
     /// returns the last one.
     fn reserve_seq(
@@ -270,6 +274,16 @@ impl AnyStore {
         }
     }
 
+    /// Creates the MySQL database `url` names unless it exists (SQLite creates its file on
+    /// open: nothing to do).
+    pub async fn create_database(url: &str) -> StoreResult<()> {
+        if url.starts_with("mysql://") {
+            mysql::create_database(url).await
+        } else {
+            Ok(())
+        }
+    }
+
     /// Which engine this is ("sqlite" or "mysql").
     pub fn engine(&self) -> &'static str {
         match self {
@@ -356,6 +370,9 @@ impl Store for AnyStore {
     }
     async fn seq_floor(&self, conversation: &str) -> StoreResult<i64> {
         delegate!(self, s => s.seq_floor(conversation))
+    }
+    async fn rewind_seq(&self, conversation: &str) -> StoreResult<()> {
+        delegate!(self, s => s.rewind_seq(conversation))
     }
     async fn reserve_seq(&self, conversation: &str, n: i64) -> StoreResult<i64> {
         delegate!(self, s => s.reserve_seq(conversation, n))

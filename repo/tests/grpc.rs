@@ -56,6 +56,7 @@ matrix!(
     cache_loss_falls_back_to_the_database,
     stale_counter_after_an_outage_recovers,
     block_reservation,
+    from_stored_forgets_unstored_reservations,
     unread_counts,
     user_conversations_newest_first,
     many_users_presence_and_group_limit,
@@ -441,6 +442,7 @@ async fn message_service_round_trip(t: Server) {
         m.generate_seq_id(pb::GenerateSeqIdRequest {
             conversation_id: "nope".to_owned(),
             count: 1,
+            from_stored: false,
         })
         .await,
         ErrorCode::InvalidParameter,
@@ -1222,6 +1224,7 @@ async fn concurrent_writers_are_gap_free(t: Server) {
                     .generate_seq_id(pb::GenerateSeqIdRequest {
                         conversation_id: conv.clone(),
                         count: 1,
+                        from_stored: false,
                     })
                     .await
                     .unwrap_or_else(|e| panic!("writer {w} GenerateSeqID: {e:?}"))
@@ -1307,6 +1310,7 @@ async fn same_client_msg_id_concurrently(t: Server) {
                     .generate_seq_id(pb::GenerateSeqIdRequest {
                         conversation_id: conv.clone(),
                         count: 1,
+                        from_stored: false,
                     })
                     .await
                     .expect("GenerateSeqID")
@@ -1338,6 +1342,65 @@ async fn same_client_msg_id_concurrently(t: Server) {
         assert_eq!(stored.len(), 1, "round {round}: stored once");
         assert_eq!((stored[0].id.clone(), stored[0].seq_id), first);
     }
+}
+
+/// `GenerateSeqID.from_stored`, what a conversation's new owner sends: seqs reserved by a
+/// crashed owner and never stored are handed out again, so the conversation stays gap-free;
+/// also while the cache is down (the durable counter is rewound too).
+async fn from_stored_forgets_unstored_reservations(t: Server) {
+    let conv = fresh_group_conv();
+    for k in 0..3 {
+        t.send(&conv, 1, &format!("m{k}")).await;
+    }
+    // A previous owner reserved 4..=8 and died before storing them.
+    assert_eq!(t.reserve(&conv, 5).await, (4, 8));
+    let resync = |count: i64| {
+        let mut m = t.messages();
+        let conv = conv.clone();
+        async move {
+            let r = m
+                .generate_seq_id(pb::GenerateSeqIdRequest {
+                    conversation_id: conv,
+                    count,
+                    from_stored: true,
+                })
+                .await
+                .expect("GenerateSeqID from_stored")
+                .into_inner();
+            (r.seq_id, r.end_seq_id)
+        }
+    };
+    assert_eq!(resync(2).await, (4, 5), "restarts after the stored 3");
+    assert_eq!(
+        resync(2).await,
+        (4, 5),
+        "idempotent while nothing is stored"
+    );
+    t.save(&conv, 1, 4, "", 0).await.expect("save 4");
+    t.save(&conv, 1, 5, "", 0).await.expect("save 5");
+    assert_eq!(t.reserve(&conv, 1).await, (6, 6), "then counts on normally");
+
+    // With the cache down, reservations go to the durable counter, which rewinds the same way.
+    t.cache().set_down(true);
+    let (_, e) = t.reserve(&conv, 3).await;
+    assert!(e > 6, "a durable reservation that is never stored: ..={e}");
+    assert_eq!(resync(1).await, (6, 6));
+    t.save(&conv, 1, 6, "", 0).await.expect("save 6");
+    assert_eq!(
+        t.reserve(&conv, 1).await,
+        (7, 7),
+        "the durable counter continues after the rewind, not after {e}"
+    );
+    t.save(&conv, 1, 7, "", 0).await.expect("save 7");
+    t.cache().set_down(false);
+    t.flush_cache().await;
+    assert_eq!(resync(1).await, (8, 8));
+    t.save(&conv, 1, 8, "", 0).await.expect("save 8");
+    assert_eq!(
+        seqs(&t.history(&conv).await),
+        (1..=8).collect::<Vec<_>>(),
+        "gap-free"
+    );
 }
 
 async fn cache_flush_never_reuses_a_stored_seq(t: Server) {
@@ -1630,6 +1693,7 @@ async fn block_reservation(t: Server) {
                         .generate_seq_id(pb::GenerateSeqIdRequest {
                             conversation_id: conv.clone(),
                             count: 100,
+                            from_stored: false,
                         })
                         .await
                         .expect("GenerateSeqID block")
@@ -1688,6 +1752,7 @@ async fn block_reservation(t: Server) {
                 .generate_seq_id(pb::GenerateSeqIdRequest {
                     conversation_id: conv.clone(),
                     count: bad,
+                    from_stored: false,
                 })
                 .await,
             ErrorCode::InvalidParameter,

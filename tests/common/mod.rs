@@ -61,6 +61,16 @@ impl Server {
         }
     }
 
+    /// A server this process did not start (a `gochat gateway` process, say): the helpers only
+    /// need its address; stopping it is its owner's business.
+    pub fn external(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            stop: None,
+            thread: None,
+        }
+    }
+
     /// Starts `serve` on `data_dir` with [`test_config`].
     pub fn start(data_dir: &Path) -> Self {
         Self::start_with(data_dir, test_config())

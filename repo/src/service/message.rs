@@ -139,6 +139,18 @@ impl<S: Store, C: Cache> Repo<S, C> {
     }
 
     /// Reserves `n` consecutive seqs of `conv`; returns (first, last).
+    /// Restarts `conv`'s counter right after its largest stored seq: the durable counter is
+    /// rewound and the cached one dropped, so the next reservation seeds it from storage.
+    pub async fn rewind_seqs(&self, conv: &str) -> Result<(), AppError> {
+        self.store().rewind_seq(conv).await?;
+        if let Err(err) = self.cache().seq_del(conv).await {
+            // A counter we cannot drop may hand out seqs above a gap; storage stays consistent,
+            // and the owner resyncs again after the next conflict.
+            tracing::warn!(cause = %err, conv, "cannot drop conv_seq for a rewind");
+        }
+        Ok(())
+    }
+
     pub async fn reserve_seqs(&self, conv: &str, n: i64) -> Result<(i64, i64), AppError> {
         for _ in 0..3 {
             match self.cache().seq_incr(conv, n).await {
@@ -321,6 +333,9 @@ impl<S: Store, C: Cache> MessageService for Repo<S, C> {
                 .into());
             }
         };
+        if r.from_stored {
+            self.rewind_seqs(&r.conversation_id).await?;
+        }
         let (first, last) = self.reserve_seqs(&r.conversation_id, n).await?;
         Ok(Response::new(pb::GenerateSeqIdResponse {
             seq_id: first,

@@ -35,6 +35,34 @@ impl std::fmt::Debug for MysqlStore {
     }
 }
 
+/// Creates the database `url` names unless it exists (`gochat migrate --create-database`):
+/// connects to the server without a database and runs `CREATE DATABASE IF NOT EXISTS` with
+/// gochat's character set (utf8mb4, binary collation: ids and usernames compare exactly).
+pub async fn create_database(url: &str) -> StoreResult<()> {
+    let (base, rest) = url
+        .rsplit_once('/')
+        .filter(|(b, _)| b.len() > "mysql://".len())
+        .ok_or_else(|| StoreError::Invalid(format!("{} names no database", redact(url))))?;
+    let db = rest.split('?').next().unwrap_or_default();
+    if db.is_empty()
+        || !db
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+    {
+        return Err(StoreError::Invalid(format!(
+            "database name {db:?} must be letters, digits, '_' or '$'"
+        )));
+    }
+    let mut conn = AsyncMysqlConnection::establish(base)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("mysql {}: {e}", redact(base))))?;
+    conn.batch_execute(&format!(
+        "CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+    ))
+    .await
+    .map_err(|e| StoreError::Unavailable(format!("creating database {db}: {e}")))
+}
+
 impl MysqlStore {
     /// Connects to `url` (`mysql://user:pass@host:port/db`), migrates the database, and keeps a
     /// pool of at most `pool_size` connections. Fails when the server cannot be reached.

@@ -692,6 +692,21 @@ macro_rules! impl_sql_store {
                 Ok(last.max(floor).max(stored.unwrap_or(0)))
             }
 
+            async fn rewind_seq(&self, conversation: &str) -> $crate::store::StoreResult<()> {
+                use $crate::schema::conversations;
+                let mut conn = self.writer().await?;
+                diesel::update(
+                    conversations::table
+                        .filter(conversations::id.eq(conversation))
+                        .filter(conversations::seq_floor.gt(conversations::last_seq)),
+                )
+                .set(conversations::seq_floor.eq(conversations::last_seq))
+                .execute(&mut *conn)
+                .await
+                .map_err($crate::store::sql::classify)?;
+                Ok(())
+            }
+
             async fn reserve_seq(
                 &self,
                 conversation: &str,

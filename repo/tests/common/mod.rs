@@ -458,6 +458,7 @@ impl Server {
             .generate_seq_id(pb::GenerateSeqIdRequest {
                 conversation_id: conv.to_owned(),
                 count,
+                from_stored: false,
             })
             .await
             .expect("GenerateSeqID")
