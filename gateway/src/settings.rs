@@ -28,7 +28,7 @@ pub struct GatewaySettings {
     pub heartbeat_timeout: Duration,
     /// How often each session checks its heartbeat deadline (default 10 s).
     pub heartbeat_check_interval: Duration,
-    /// Lifetime of this gateway's presence entries in logic (default 60 s); they are refreshed
+    /// Lifetime of this gateway's presence entries in logic (default 30 s); they are refreshed
     /// every third of it.
     pub presence_ttl: Duration,
     /// Refused frames (bad JSON, unknown type, invalid fields, binary) tolerated within
@@ -66,7 +66,7 @@ impl Default for GatewaySettings {
             upstream_inflight: 64,
             heartbeat_timeout: Duration::from_secs(90),
             heartbeat_check_interval: Duration::from_secs(10),
-            presence_ttl: Duration::from_secs(60),
+            presence_ttl: Duration::from_secs(30),
             max_abuse: 20,
             abuse_window: Duration::from_secs(60),
             max_sessions: 100_000,

@@ -124,7 +124,7 @@ impl Default for RepoConfig {
             max_group_members: 100_000,
             argon2_memory_kib: 19_456,
             argon2_iterations: 2,
-            presence_ttl_secs: 60,
+            presence_ttl_secs: 30,
         }
     }
 }

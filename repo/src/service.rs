@@ -57,7 +57,7 @@ impl Default for RepoSettings {
             user_ttl: Duration::from_secs(3600),
             dedup_ttl: Duration::from_secs(24 * 3600),
             entry_ttl: Duration::from_secs(600),
-            presence_ttl: Duration::from_secs(60),
+            presence_ttl: Duration::from_secs(30),
             hot_window: 100,
             node_id: 0,
         }
