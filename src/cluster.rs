@@ -159,6 +159,19 @@ async fn release(hold: Option<Registration>, what: &str) {
     }
 }
 
+/// Installs the process's metrics recorder and, when `listen` is set, serves `/metrics` and
+/// `/healthz` there (behind the admin token when one is configured).
+fn ops(config: &Config, listen: &str) -> anyhow::Result<()> {
+    let handle = telemetry::install();
+    if listen.trim().is_empty() {
+        return Ok(());
+    }
+    let listener = std::net::TcpListener::bind(listen.trim())
+        .with_context(|| format!("cannot listen on {listen} (metrics)"))?;
+    gochat_gateway::spawn_ops_server(listener, handle, config.admin.token.clone())
+        .with_context(|| format!("serving metrics on {listen}"))
+}
+
 /// A name for this instance in discovery: its address and process id.
 fn instance_name(addr: &str) -> String {
     let bare = addr.split("://").nth(1).unwrap_or(addr);
@@ -172,6 +185,7 @@ pub async fn run_repo(
     data_dir: &Path,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    ops(&config, &config.repo.metrics_listen)?;
     let discovery = discovery(&config).await?;
     let ttl = lease_ttl(&config);
     let (node, node_hold) = node_id(&discovery, "repo-node", config.repo.node_id, ttl).await?;
@@ -203,6 +217,7 @@ pub async fn run_logic(
     jwt_secret: String,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    ops(&config, &config.logic.metrics_listen)?;
     let discovery = discovery(&config).await?;
     let ttl = lease_ttl(&config);
     let (node, node_hold) = node_id(&discovery, "logic-node", config.logic.node_id, ttl).await?;
@@ -341,6 +356,7 @@ impl LiveGateways for WatchedGateways {
 /// `gochat task`: fanout of big groups and the world room, from `im-task-topic`; repo through
 /// discovery; the world room goes to every live gateway. Runs inside an actix `System`.
 pub async fn run_task(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    ops(&config, &config.task.metrics_listen)?;
     let discovery = discovery(&config).await?;
     let bus = kafka(&config, &format!("gochat-task-{}", std::process::id())).await?;
     let repo = RepoClient::new(

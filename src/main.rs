@@ -42,6 +42,9 @@ enum Command {
         /// gRPC listen address (overrides `[repo] listen`).
         #[arg(long)]
         listen: Option<String>,
+        /// HTTP address of /metrics and /healthz (overrides `[repo] metrics_listen`).
+        #[arg(long)]
+        metrics_listen: Option<String>,
     },
     /// Run the logic service: auth, conversations and groups over gRPC, and the Conversation
     /// actors consuming `im-upstream-topic` (distributed mode: Kafka, repo via discovery).
@@ -49,6 +52,9 @@ enum Command {
         /// gRPC listen address (overrides `[logic] listen`).
         #[arg(long)]
         listen: Option<String>,
+        /// HTTP address of /metrics and /healthz (overrides `[logic] metrics_listen`).
+        #[arg(long)]
+        metrics_listen: Option<String>,
     },
     /// Run a gateway: the HTTP API and WebSocket, logic via discovery, deliveries from its
     /// `im-downstream-topic-{id}` (distributed mode).
@@ -62,7 +68,11 @@ enum Command {
     },
     /// Run the task service: big-group and world-room fanout from `im-task-topic`
     /// (distributed mode).
-    Task,
+    Task {
+        /// HTTP address of /metrics and /healthz (overrides `[task] metrics_listen`).
+        #[arg(long)]
+        metrics_listen: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,9 +81,15 @@ fn main() -> anyhow::Result<()> {
     init_tracing(&config);
     raise_open_file_limit();
     match &cli.command {
-        Command::Logic { listen } => {
+        Command::Logic {
+            listen,
+            metrics_listen,
+        } => {
             if let Some(l) = listen {
                 config.logic.listen = l.clone();
+            }
+            if let Some(m) = metrics_listen {
+                config.logic.metrics_listen = m.clone();
             }
             anyhow::ensure!(
                 !config.auth.jwt_secret.is_empty(),
@@ -101,7 +117,10 @@ fn main() -> anyhow::Result<()> {
                 shutdown_signal(),
             ));
         }
-        Command::Task => {
+        Command::Task { metrics_listen } => {
+            if let Some(m) = metrics_listen {
+                config.task.metrics_listen = m.clone();
+            }
             return actix_rt::System::new()
                 .block_on(gochat::cluster::run_task(config, shutdown_signal()));
         }
@@ -133,7 +152,7 @@ fn main() -> anyhow::Result<()> {
             Command::Serve { .. }
             | Command::Logic { .. }
             | Command::Gateway { .. }
-            | Command::Task => Ok(()),
+            | Command::Task { .. } => Ok(()),
             Command::Migrate { create_database } => {
                 let url = gochat_repo::run::database_url(&config, &cli.data_dir);
                 if create_database {
@@ -147,9 +166,15 @@ fn main() -> anyhow::Result<()> {
                 tracing::info!(engine = store.engine(), "migrations applied");
                 Ok(())
             }
-            Command::Repo { listen } => {
+            Command::Repo {
+                listen,
+                metrics_listen,
+            } => {
                 if let Some(l) = listen {
                     config.repo.listen = l;
+                }
+                if let Some(m) = metrics_listen {
+                    config.repo.metrics_listen = m;
                 }
                 gochat::cluster::run_repo(config, &cli.data_dir, shutdown_signal()).await
             }

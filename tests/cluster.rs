@@ -213,6 +213,24 @@ filter = "info"
         self.procs.insert(name.to_owned(), Proc { child, log });
     }
 
+    /// Where process `name` serves `/metrics` and `/healthz`.
+    fn metrics_listen(&mut self, name: &str) -> String {
+        format!("127.0.0.1:{}", self.port(&format!("{name}-metrics")))
+    }
+
+    /// The Prometheus text of process `name`.
+    async fn metrics(&mut self, name: &str) -> String {
+        let url = format!("http://{}/metrics", self.metrics_listen(name));
+        let (st, _) = get(&url.replace("/metrics", "/healthz"), None).await;
+        assert_eq!(st, 200, "{name} /healthz");
+        reqwest::get(&url)
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// The port of `name`, the same across restarts.
     fn port(&mut self, name: &str) -> u16 {
         *self.ports.entry(name.to_owned()).or_insert_with(free_port)
@@ -222,7 +240,11 @@ filter = "info"
     async fn repo(&mut self, name: &str) {
         let port = self.port(name);
         let listen = format!("127.0.0.1:{port}");
-        self.spawn(name, &["repo", "--listen", &listen]);
+        let metrics = self.metrics_listen(name);
+        self.spawn(
+            name,
+            &["repo", "--listen", &listen, "--metrics-listen", &metrics],
+        );
         self.wait_tcp(name, port).await;
     }
 
@@ -230,7 +252,11 @@ filter = "info"
     async fn logic(&mut self, name: &str) {
         let port = self.port(name);
         let listen = format!("127.0.0.1:{port}");
-        self.spawn(name, &["logic", "--listen", &listen]);
+        let metrics = self.metrics_listen(name);
+        self.spawn(
+            name,
+            &["logic", "--listen", &listen, "--metrics-listen", &metrics],
+        );
         self.wait_tcp(name, port).await;
     }
 
@@ -255,7 +281,8 @@ filter = "info"
 
     /// Starts the task service and waits until it consumes.
     async fn task(&mut self, name: &str) {
-        self.spawn(name, &["task"]);
+        let metrics = self.metrics_listen(name);
+        self.spawn(name, &["task", "--metrics-listen", &metrics]);
         for _ in 0..600 {
             self.check_alive(name);
             if self.procs[name].log_text().contains("task consuming") {
@@ -423,11 +450,18 @@ async fn history(s: &Server, token: &str, conv: &str) -> Vec<Value> {
     }
 }
 
+/// The value of the sample `series` (exact name and labels) in Prometheus text, 0 if absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Users on different gateways chat 1:1 and in a group; a 600-member group and the world room
-/// go through task to members on both gateways.
+/// go through task to members on both gateways. Every service exports its metrics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_gateways_two_logic_chat_group_and_task_fanout() {
-    let (_c, g1, g2) = Cluster::standard().await;
+    let (mut cluster, g1, g2) = Cluster::standard().await;
     let alice = user(&g1, "alice").await;
     let bob = user(&g2, "bob").await;
     let carol = user(&g2, "carol").await;
@@ -552,6 +586,27 @@ async fn two_gateways_two_logic_chat_group_and_task_fanout() {
         assert_eq!(f["data"]["conversation_id"], "world");
         assert_eq!(f["data"]["content"], "hello world");
     }
+
+    // Operators see every service: 7 messages stored by the two logic instances together,
+    // repo's store calls, task's fanout jobs.
+    let stored = sample(
+        &cluster.metrics("logic-1").await,
+        "gochat_logic_messages_stored_total",
+    ) + sample(
+        &cluster.metrics("logic-2").await,
+        "gochat_logic_messages_stored_total",
+    );
+    assert_eq!(stored, 7.0, "4 single, 1 trio, 1 big group, 1 world");
+    let repo = cluster.metrics("repo").await;
+    assert!(
+        sample(
+            &repo,
+            "gochat_store_duration_seconds_count{op=\"save_batch\"}"
+        ) >= 1.0,
+        "{repo}"
+    );
+    let task = cluster.metrics("task").await;
+    assert!(task.contains("gochat_"), "{task}");
 }
 
 /// `kill -9` one logic process in the middle of a stream of messages: every acked message is

@@ -199,6 +199,57 @@ pub(crate) async fn metrics(
         .body(handle.render()))
 }
 
+/// The operator endpoints of a process without a gateway listener (`gochat repo|logic|task`):
+/// `GET /metrics` (the process's Prometheus text, behind `token` when it is set, as on a
+/// gateway) and `GET /healthz`, on `listener`, with one worker. The server runs on its own
+/// thread (with its own actix System), so it works whatever runtime the service uses; it ends
+/// with the process.
+pub fn spawn_ops_server(
+    listener: std::net::TcpListener,
+    handle: PrometheusHandle,
+    token: String,
+) -> std::io::Result<()> {
+    let state = AdminState {
+        token,
+        source: None,
+        metrics: Some(handle),
+        started: Instant::now(),
+    };
+    let addr = listener.local_addr()?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+    std::thread::Builder::new()
+        .name("gochat-ops".into())
+        .spawn(move || {
+            actix_rt::System::new().block_on(async move {
+                let server = actix_web::HttpServer::new(move || {
+                    actix_web::App::new()
+                        .app_data(web::Data::new(state.clone()))
+                        .route("/metrics", web::get().to(metrics))
+                        .route("/healthz", web::get().to(crate::api::healthz))
+                })
+                .workers(1)
+                .disable_signals()
+                .listen(listener);
+                match server {
+                    Ok(server) => {
+                        let _ = ready_tx.send(Ok(()));
+                        if let Err(e) = server.run().await {
+                            tracing::warn!(cause = %e, "the ops server stopped");
+                        }
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+        })?;
+    ready_rx
+        .recv()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the ops server thread ended")))?;
+    tracing::info!(%addr, "serving /metrics and /healthz");
+    Ok(())
+}
+
 #[derive(Debug, Deserialize)]
 pub(crate) struct LimitQuery {
     limit: Option<usize>,

@@ -245,7 +245,7 @@ async fn method_not_allowed(req: HttpRequest, trace: TraceId) -> Result<HttpResp
     .with_status(StatusCode::METHOD_NOT_ALLOWED))
 }
 
-async fn healthz() -> HttpResponse {
+pub(crate) async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 

@@ -53,7 +53,7 @@ use gochat_proto::logic::group_service_server::GroupService;
 use gochat_proto::logic::presence_service_server::PresenceService;
 use tokio_util::sync::CancellationToken;
 
-pub use admin::{AdminSource, BusyConversation};
+pub use admin::{AdminSource, BusyConversation, spawn_ops_server};
 pub use api::{TRACE_HEADER, TRACE_METADATA_KEY};
 pub use downstream::consumer_group;
 pub use settings::GatewaySettings;

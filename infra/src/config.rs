@@ -27,6 +27,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The logic service.
     pub logic: LogicConfig,
+    /// The task service.
+    pub task: TaskConfig,
     /// The message bus.
     pub bus: BusConfig,
     /// How services find each other (distributed mode).
@@ -103,6 +105,8 @@ pub struct RepoConfig {
     /// The address other services dial, as registered in etcd (`http://host:port`). Empty:
     /// derived from `listen`.
     pub advertise: String,
+    /// HTTP address of `/metrics` and `/healthz` for `gochat repo`. Empty: none.
+    pub metrics_listen: String,
     /// Snowflake node id of this instance (0..=1023), unique among repo instances.
     pub node_id: u16,
     /// Largest group.
@@ -120,6 +124,7 @@ impl Default for RepoConfig {
         Self {
             listen: "127.0.0.1:9100".into(),
             advertise: String::new(),
+            metrics_listen: String::new(),
             node_id: 0,
             max_group_members: 100_000,
             argon2_memory_kib: 19_456,
@@ -196,6 +201,8 @@ pub struct LogicConfig {
     pub listen: String,
     /// The address other services dial, as registered in etcd. Empty: derived from `listen`.
     pub advertise: String,
+    /// HTTP address of `/metrics` and `/healthz` for `gochat logic`. Empty: none.
+    pub metrics_listen: String,
     /// Snowflake node id of this logic instance (0..=1023).
     pub node_id: u16,
     /// Arbiters (threads) for Conversation actors (0: one per core).
@@ -215,6 +222,7 @@ impl Default for LogicConfig {
         Self {
             listen: "127.0.0.1:9200".into(),
             advertise: String::new(),
+            metrics_listen: String::new(),
             node_id: 1,
             arbiters: 0,
             mailbox_capacity: 1024,
@@ -223,6 +231,14 @@ impl Default for LogicConfig {
             async_fanout_threshold: 500,
         }
     }
+}
+
+/// `[task]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskConfig {
+    /// HTTP address of `/metrics` and `/healthz` for `gochat task`. Empty: none.
+    pub metrics_listen: String,
 }
 
 /// `[bus]`
