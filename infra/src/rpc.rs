@@ -58,6 +58,16 @@ pub enum Idempotency {
     Once,
 }
 
+/// Every request of this RPC is safe to repeat (for [`forward_grpc!`]).
+pub fn idempotent<T>(_: &T) -> Idempotency {
+    Idempotency::Idempotent
+}
+
+/// No request of this RPC may be repeated (for [`forward_grpc!`]).
+pub fn once<T>(_: &T) -> Idempotency {
+    Idempotency::Once
+}
+
 /// Makes one call under `policy`: every attempt carries `request`'s metadata and message and a
 /// deadline; an [`Idempotency::Idempotent`] call is retried on a retryable status with
 /// exponential backoff. `attempt` makes one attempt (typically `|r| { let mut c =
@@ -132,15 +142,17 @@ pub async fn serve(
 }
 
 /// Implements a tonic server trait for a client adapter by forwarding each RPC to the generated
-/// client in the adapter's field `$client` through [`call`] (deadline, retries where marked
-/// `Idempotent`, metadata carried). The adapter has a field `policy: RpcPolicy`; `$pb` is the
-/// module of the generated messages, in scope at the call site.
+/// client in the adapter's field `$client` through [`call`] (deadline, retries where the request
+/// is idempotent, metadata carried). Each RPC names a function from its request to its
+/// [`Idempotency`]: [`idempotent`], [`once`], or one that looks at the request. The adapter has a
+/// field `policy: RpcPolicy`; `$pb` is the module of the generated messages, in scope at the call
+/// site.
 ///
 /// ```ignore
 /// gochat_infra::forward_grpc! {
 ///     impl UserService for RepoClient { client: users, pb: pb;
-///         get_user(GetUserRequest) -> GetUserResponse: Idempotent;
-///         create_user(CreateUserRequest) -> CreateUserResponse: Once;
+///         get_user(GetUserRequest) -> GetUserResponse: idempotent;
+///         create_user(CreateUserRequest) -> CreateUserResponse: once;
 ///     }
 /// }
 /// ```
@@ -148,7 +160,7 @@ pub async fn serve(
 macro_rules! forward_grpc {
     (
         impl $service:ident for $adapter:ty { client: $client:ident, pb: $pb:ident;
-            $( $method:ident ( $req:ident ) -> $resp:ident : $idem:ident ; )*
+            $( $method:ident ( $req:ident ) -> $resp:ident : $idem:expr ; )*
         }
     ) => {
         #[tonic::async_trait]
@@ -159,9 +171,10 @@ macro_rules! forward_grpc {
                     request: tonic::Request<$pb::$req>,
                 ) -> Result<tonic::Response<$pb::$resp>, tonic::Status> {
                     let client = self.$client.clone();
+                    let idempotency: $crate::rpc::Idempotency = ($idem)(request.get_ref());
                     $crate::rpc::call(
                         &self.policy,
-                        $crate::rpc::Idempotency::$idem,
+                        idempotency,
                         request,
                         move |r| {
                             let mut c = client.clone();

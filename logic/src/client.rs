@@ -9,7 +9,7 @@
 //! creating, joining and leaving groups are made once.
 
 use gochat_infra::forward_grpc;
-use gochat_infra::rpc::RpcPolicy;
+use gochat_infra::rpc::{RpcPolicy, idempotent, once};
 use gochat_proto::logic as pb;
 use gochat_proto::logic::auth_service_client::AuthServiceClient;
 use gochat_proto::logic::auth_service_server::AuthService;
@@ -53,39 +53,39 @@ impl LogicClient {
 
 forward_grpc! {
     impl AuthService for LogicClient { client: auth, pb: pb;
-        login(LoginRequest) -> LoginResponse: Once;
-        register(RegisterRequest) -> RegisterResponse: Once;
-        refresh_token(RefreshTokenRequest) -> RefreshTokenResponse: Once;
-        logout(LogoutRequest) -> LogoutResponse: Idempotent;
-        validate_token(ValidateTokenRequest) -> ValidateTokenResponse: Idempotent;
-        get_user(GetUserRequest) -> GetUserResponse: Idempotent;
+        login(LoginRequest) -> LoginResponse: once;
+        register(RegisterRequest) -> RegisterResponse: once;
+        refresh_token(RefreshTokenRequest) -> RefreshTokenResponse: once;
+        logout(LogoutRequest) -> LogoutResponse: idempotent;
+        validate_token(ValidateTokenRequest) -> ValidateTokenResponse: idempotent;
+        get_user(GetUserRequest) -> GetUserResponse: idempotent;
     }
 }
 
 forward_grpc! {
     impl ConversationService for LogicClient { client: conversations, pb: pb;
-        get_conversations(GetConversationsRequest) -> GetConversationsResponse: Idempotent;
-        get_conversation(GetConversationRequest) -> GetConversationResponse: Idempotent;
-        get_messages(GetMessagesRequest) -> GetMessagesResponse: Idempotent;
-        mark_as_read(MarkAsReadRequest) -> MarkAsReadResponse: Idempotent;
-        create_single_conversation(CreateSingleConversationRequest) -> CreateSingleConversationResponse: Idempotent;
+        get_conversations(GetConversationsRequest) -> GetConversationsResponse: idempotent;
+        get_conversation(GetConversationRequest) -> GetConversationResponse: idempotent;
+        get_messages(GetMessagesRequest) -> GetMessagesResponse: idempotent;
+        mark_as_read(MarkAsReadRequest) -> MarkAsReadResponse: idempotent;
+        create_single_conversation(CreateSingleConversationRequest) -> CreateSingleConversationResponse: idempotent;
     }
 }
 
 forward_grpc! {
     impl GroupService for LogicClient { client: groups, pb: pb;
-        create_group(CreateGroupRequest) -> CreateGroupResponse: Once;
-        get_group(GetGroupRequest) -> GetGroupResponse: Idempotent;
-        join_group(JoinGroupRequest) -> JoinGroupResponse: Once;
-        leave_group(LeaveGroupRequest) -> LeaveGroupResponse: Once;
-        get_group_members(GetGroupMembersRequest) -> GetGroupMembersResponse: Idempotent;
+        create_group(CreateGroupRequest) -> CreateGroupResponse: once;
+        get_group(GetGroupRequest) -> GetGroupResponse: idempotent;
+        join_group(JoinGroupRequest) -> JoinGroupResponse: once;
+        leave_group(LeaveGroupRequest) -> LeaveGroupResponse: once;
+        get_group_members(GetGroupMembersRequest) -> GetGroupMembersResponse: idempotent;
     }
 }
 
 forward_grpc! {
     impl PresenceService for LogicClient { client: presence, pb: pb;
-        user_connected(UserConnectedRequest) -> UserConnectedResponse: Idempotent;
-        user_disconnected(UserDisconnectedRequest) -> UserDisconnectedResponse: Idempotent;
-        refresh_presence(RefreshPresenceRequest) -> RefreshPresenceResponse: Idempotent;
+        user_connected(UserConnectedRequest) -> UserConnectedResponse: idempotent;
+        user_disconnected(UserDisconnectedRequest) -> UserDisconnectedResponse: idempotent;
+        refresh_presence(RefreshPresenceRequest) -> RefreshPresenceResponse: idempotent;
     }
 }

@@ -14,7 +14,7 @@
 //! - creating users, sessions and groups, rotating sessions, adding and removing members: once.
 
 use gochat_infra::forward_grpc;
-use gochat_infra::rpc::{self, Idempotency, RpcPolicy};
+use gochat_infra::rpc::{Idempotency, RpcPolicy, idempotent, once};
 use gochat_proto::repo as pb;
 use gochat_proto::repo::conversation_service_client::ConversationServiceClient;
 use gochat_proto::repo::conversation_service_server::ConversationService;
@@ -27,7 +27,6 @@ use gochat_proto::repo::online_status_service_server::OnlineStatusService;
 use gochat_proto::repo::user_service_client::UserServiceClient;
 use gochat_proto::repo::user_service_server::UserService;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
 
 /// Largest gRPC message either side accepts (member lists of big groups are the largest).
 const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
@@ -69,130 +68,62 @@ impl RepoClient {
 
 forward_grpc! {
     impl UserService for RepoClient { client: users, pb: pb;
-        create_user(CreateUserRequest) -> CreateUserResponse: Once;
-        get_user(GetUserRequest) -> GetUserResponse: Idempotent;
-        get_users(GetUsersRequest) -> GetUsersResponse: Idempotent;
-        update_user(UpdateUserRequest) -> UpdateUserResponse: Idempotent;
-        verify_password(VerifyPasswordRequest) -> VerifyPasswordResponse: Idempotent;
-        get_user_by_username(GetUserByUsernameRequest) -> GetUserResponse: Idempotent;
-        create_session(CreateSessionRequest) -> CreateSessionResponse: Once;
-        rotate_session(RotateSessionRequest) -> RotateSessionResponse: Once;
-        revoke_session(RevokeSessionRequest) -> RevokeSessionResponse: Idempotent;
-        get_session(GetSessionRequest) -> GetSessionResponse: Idempotent;
+        create_user(CreateUserRequest) -> CreateUserResponse: once;
+        get_user(GetUserRequest) -> GetUserResponse: idempotent;
+        get_users(GetUsersRequest) -> GetUsersResponse: idempotent;
+        update_user(UpdateUserRequest) -> UpdateUserResponse: idempotent;
+        verify_password(VerifyPasswordRequest) -> VerifyPasswordResponse: idempotent;
+        get_user_by_username(GetUserByUsernameRequest) -> GetUserResponse: idempotent;
+        create_session(CreateSessionRequest) -> CreateSessionResponse: once;
+        rotate_session(RotateSessionRequest) -> RotateSessionResponse: once;
+        revoke_session(RevokeSessionRequest) -> RevokeSessionResponse: idempotent;
+        get_session(GetSessionRequest) -> GetSessionResponse: idempotent;
     }
 }
 
-#[tonic::async_trait]
-impl MessageService for RepoClient {
-    async fn save_message(
-        &self,
-        request: Request<pb::SaveMessageRequest>,
-    ) -> Result<Response<pb::SaveMessageResponse>, Status> {
-        let c = self.messages.clone();
-        rpc::call(&self.policy, Idempotency::Idempotent, request, move |r| {
-            let mut c = c.clone();
-            async move { c.save_message(r).await }
-        })
-        .await
-    }
-
-    async fn save_messages(
-        &self,
-        request: Request<pb::SaveMessagesRequest>,
-    ) -> Result<Response<pb::SaveMessagesResponse>, Status> {
-        let c = self.messages.clone();
-        rpc::call(&self.policy, Idempotency::Idempotent, request, move |r| {
-            let mut c = c.clone();
-            async move { c.save_messages(r).await }
-        })
-        .await
-    }
-
-    async fn get_message(
-        &self,
-        request: Request<pb::GetMessageRequest>,
-    ) -> Result<Response<pb::GetMessageResponse>, Status> {
-        let c = self.messages.clone();
-        rpc::call(&self.policy, Idempotency::Idempotent, request, move |r| {
-            let mut c = c.clone();
-            async move { c.get_message(r).await }
-        })
-        .await
-    }
-
-    async fn get_conversation_messages(
-        &self,
-        request: Request<pb::GetConversationMessagesRequest>,
-    ) -> Result<Response<pb::GetConversationMessagesResponse>, Status> {
-        let c = self.messages.clone();
-        rpc::call(&self.policy, Idempotency::Idempotent, request, move |r| {
-            let mut c = c.clone();
-            async move { c.get_conversation_messages(r).await }
-        })
-        .await
-    }
-
-    async fn generate_seq_id(
-        &self,
-        request: Request<pb::GenerateSeqIdRequest>,
-    ) -> Result<Response<pb::GenerateSeqIdResponse>, Status> {
+forward_grpc! {
+    impl MessageService for RepoClient { client: messages, pb: pb;
+        save_message(SaveMessageRequest) -> SaveMessageResponse: idempotent;
+        save_messages(SaveMessagesRequest) -> SaveMessagesResponse: idempotent;
+        get_message(GetMessageRequest) -> GetMessageResponse: idempotent;
+        get_conversation_messages(GetConversationMessagesRequest) -> GetConversationMessagesResponse: idempotent;
         // A plain reservation repeated would reserve twice (a gap); a restart from storage is
         // the same however often it is made.
-        let idempotency = if request.get_ref().from_stored {
-            Idempotency::Idempotent
-        } else {
-            Idempotency::Once
-        };
-        let c = self.messages.clone();
-        rpc::call(&self.policy, idempotency, request, move |r| {
-            let mut c = c.clone();
-            async move { c.generate_seq_id(r).await }
-        })
-        .await
-    }
-
-    async fn check_message_idempotency(
-        &self,
-        request: Request<pb::CheckMessageIdempotencyRequest>,
-    ) -> Result<Response<pb::CheckMessageIdempotencyResponse>, Status> {
-        let c = self.messages.clone();
-        rpc::call(&self.policy, Idempotency::Idempotent, request, move |r| {
-            let mut c = c.clone();
-            async move { c.check_message_idempotency(r).await }
-        })
-        .await
+        generate_seq_id(GenerateSeqIdRequest) -> GenerateSeqIdResponse:
+            |r: &pb::GenerateSeqIdRequest| if r.from_stored { Idempotency::Idempotent } else { Idempotency::Once };
+        check_message_idempotency(CheckMessageIdempotencyRequest) -> CheckMessageIdempotencyResponse: idempotent;
     }
 }
 
 forward_grpc! {
     impl GroupService for RepoClient { client: groups, pb: pb;
-        create_group(CreateGroupRequest) -> CreateGroupResponse: Once;
-        get_group(GetGroupRequest) -> GetGroupResponse: Idempotent;
-        add_group_member(AddGroupMemberRequest) -> AddGroupMemberResponse: Once;
-        remove_group_member(RemoveGroupMemberRequest) -> RemoveGroupMemberResponse: Once;
-        get_group_members(GetGroupMembersRequest) -> GetGroupMembersResponse: Idempotent;
-        get_members_online_status(GetMembersOnlineStatusRequest) -> GetMembersOnlineStatusResponse: Idempotent;
-        is_group_member(IsGroupMemberRequest) -> IsGroupMemberResponse: Idempotent;
+        create_group(CreateGroupRequest) -> CreateGroupResponse: once;
+        get_group(GetGroupRequest) -> GetGroupResponse: idempotent;
+        add_group_member(AddGroupMemberRequest) -> AddGroupMemberResponse: once;
+        remove_group_member(RemoveGroupMemberRequest) -> RemoveGroupMemberResponse: once;
+        get_group_members(GetGroupMembersRequest) -> GetGroupMembersResponse: idempotent;
+        get_members_online_status(GetMembersOnlineStatusRequest) -> GetMembersOnlineStatusResponse: idempotent;
+        is_group_member(IsGroupMemberRequest) -> IsGroupMemberResponse: idempotent;
     }
 }
 
 forward_grpc! {
     impl ConversationService for RepoClient { client: conversations, pb: pb;
-        get_user_conversations(GetUserConversationsRequest) -> GetUserConversationsResponse: Idempotent;
-        update_read_pointer(UpdateReadPointerRequest) -> UpdateReadPointerResponse: Idempotent;
-        get_unread_count(GetUnreadCountRequest) -> GetUnreadCountResponse: Idempotent;
-        get_or_create_single_conversation(GetOrCreateSingleConversationRequest) -> GetOrCreateSingleConversationResponse: Idempotent;
-        get_conversation(GetConversationRequest) -> GetConversationResponse: Idempotent;
-        check_membership(CheckMembershipRequest) -> CheckMembershipResponse: Idempotent;
-        get_conversation_members(GetConversationMembersRequest) -> GetConversationMembersResponse: Idempotent;
+        get_user_conversations(GetUserConversationsRequest) -> GetUserConversationsResponse: idempotent;
+        update_read_pointer(UpdateReadPointerRequest) -> UpdateReadPointerResponse: idempotent;
+        get_unread_count(GetUnreadCountRequest) -> GetUnreadCountResponse: idempotent;
+        get_or_create_single_conversation(GetOrCreateSingleConversationRequest) -> GetOrCreateSingleConversationResponse: idempotent;
+        get_conversation(GetConversationRequest) -> GetConversationResponse: idempotent;
+        check_membership(CheckMembershipRequest) -> CheckMembershipResponse: idempotent;
+        get_conversation_members(GetConversationMembersRequest) -> GetConversationMembersResponse: idempotent;
     }
 }
 
 forward_grpc! {
     impl OnlineStatusService for RepoClient { client: presence, pb: pb;
-        set_user_online(SetUserOnlineRequest) -> SetUserOnlineResponse: Idempotent;
-        set_user_offline(SetUserOfflineRequest) -> SetUserOfflineResponse: Idempotent;
-        get_user_online_status(GetUserOnlineStatusRequest) -> GetUserOnlineStatusResponse: Idempotent;
-        get_users_online_status(GetUsersOnlineStatusRequest) -> GetUsersOnlineStatusResponse: Idempotent;
+        set_user_online(SetUserOnlineRequest) -> SetUserOnlineResponse: idempotent;
+        set_user_offline(SetUserOfflineRequest) -> SetUserOfflineResponse: idempotent;
+        get_user_online_status(GetUserOnlineStatusRequest) -> GetUserOnlineStatusResponse: idempotent;
+        get_users_online_status(GetUsersOnlineStatusRequest) -> GetUsersOnlineStatusResponse: idempotent;
     }
 }
