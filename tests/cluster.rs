@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Server, WAIT, Ws, get, login, post, single, tag, user};
+use common::{Server, WAIT, Ws, big_group, get, post, single, tag, user};
 use serde_json::{Value, json};
 
 /// A server variable the cluster needs.
@@ -508,62 +508,7 @@ async fn two_gateways_two_logic_chat_group_and_task_fanout() {
     }
 
     // 600 members, half of them online, spread over both gateways: through task.
-    let mut handles = Vec::new();
-    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
-    for i in 0..597 {
-        let url = if i % 2 == 0 {
-            g1.url("/auth/register")
-        } else {
-            g2.url("/auth/register")
-        };
-        let permits = permits.clone();
-        handles.push(tokio::spawn(async move {
-            let _permit = permits.acquire_owned().await.expect("permit");
-            let name = format!("m{i}x{}", tag());
-            let (st, body) = post(
-                &url,
-                None,
-                json!({"username": name, "password": "password123"}),
-            )
-            .await;
-            assert_eq!(st, 201, "{body}");
-            name
-        }));
-    }
-    let mut members = Vec::new();
-    for h in handles {
-        let name = h.await.expect("register");
-        members.push(login(&g1, &name).await);
-    }
-    let mut ids: Vec<&str> = members.iter().map(|m| m.id.as_str()).collect();
-    ids.push(&bob.id);
-    ids.push(&carol.id);
-    let mut gid = String::new();
-    let mut big = String::new();
-    for (i, chunk) in ids.chunks(200).enumerate() {
-        if i == 0 {
-            let (st, g) = post(
-                &g1.url("/groups"),
-                Some(&alice.access),
-                json!({"name": "all hands", "member_ids": chunk}),
-            )
-            .await;
-            assert_eq!(st, 201, "{g}");
-            gid = g["group"]["id"].as_str().expect("gid").to_owned();
-            big = g["group"]["conversation_id"]
-                .as_str()
-                .expect("conv")
-                .to_owned();
-        } else {
-            let (st, g) = post(
-                &g2.url(&format!("/groups/{gid}/members")),
-                Some(&alice.access),
-                json!({"user_ids": chunk}),
-            )
-            .await;
-            assert_eq!(st, 200, "{g}");
-        }
-    }
+    let (members, gid, big) = big_group(&[&g1, &g2], &alice, 597, &[&bob.id, &carol.id]).await;
     let (_, g) = get(&g1.url(&format!("/groups/{gid}")), Some(&alice.access)).await;
     assert_eq!(g["group"]["member_count"], 600);
     let mut online = Vec::new();

@@ -447,60 +447,7 @@ async fn big_group_goes_through_the_task_path_and_world_reaches_everyone() {
     let s = Server::start(&dir);
     let owner = user(&s, "boss").await;
     // 600 members: registered over HTTP, concurrently.
-    let mut handles = Vec::new();
-    for i in 0..599 {
-        let url = s.url("/auth/register");
-        handles.push(tokio::spawn(async move {
-            let name = format!("m{i}x{}", tag());
-            let (st, body) = post(
-                &url,
-                None,
-                json!({"username": name, "password": "password123"}),
-            )
-            .await;
-            assert_eq!(st, 201, "{body}");
-            name
-        }));
-    }
-    let mut names = Vec::new();
-    for h in handles {
-        names.push(h.await.expect("register"));
-    }
-    let mut members = Vec::new();
-    for chunk in names.chunks(50) {
-        let mut logins = Vec::new();
-        for n in chunk {
-            logins.push(login(&s, n).await);
-        }
-        members.extend(logins);
-    }
-    let ids: Vec<&str> = members.iter().map(|m| m.id.as_str()).collect();
-    let mut gid = String::new();
-    let mut conv = String::new();
-    for (i, chunk) in ids.chunks(200).enumerate() {
-        if i == 0 {
-            let (st, g) = post(
-                &s.url("/groups"),
-                Some(&owner.access),
-                json!({"name": "all hands", "member_ids": chunk}),
-            )
-            .await;
-            assert_eq!(st, 201, "{g}");
-            gid = g["group"]["id"].as_str().expect("gid").to_owned();
-            conv = g["group"]["conversation_id"]
-                .as_str()
-                .expect("conv")
-                .to_owned();
-        } else {
-            let (st, g) = post(
-                &s.url(&format!("/groups/{gid}/members")),
-                Some(&owner.access),
-                json!({"user_ids": chunk}),
-            )
-            .await;
-            assert_eq!(st, 200, "{g}");
-        }
-    }
+    let (members, gid, conv) = big_group(&[&s], &owner, 599, &[]).await;
     let (_, g) = get(&s.url(&format!("/groups/{gid}")), Some(&owner.access)).await;
     assert_eq!(g["group"]["member_count"], 600);
 

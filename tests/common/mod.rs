@@ -303,3 +303,68 @@ pub fn data_dir() -> (tempfile::TempDir, PathBuf) {
     let p = d.path().join("data");
     (d, p)
 }
+
+/// A big group: registers `n` users over HTTP (16 at a time, spread round-robin over `servers`),
+/// logs them in, and makes them and `extra` (user ids) members of a new group of `owner`'s,
+/// created on the first server and filled in batches of 200 on the last. Returns the new users,
+/// the group id and its conversation id.
+pub async fn big_group(
+    servers: &[&Server],
+    owner: &User,
+    n: usize,
+    extra: &[&str],
+) -> (Vec<User>, String, String) {
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let url = servers[i % servers.len()].url("/auth/register");
+        let permits = permits.clone();
+        handles.push(tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await.expect("permit");
+            let name = format!("m{i}x{}", tag());
+            let (st, body) = post(
+                &url,
+                None,
+                json!({"username": name, "password": "password123"}),
+            )
+            .await;
+            assert_eq!(st, 201, "{body}");
+            name
+        }));
+    }
+    let mut members = Vec::new();
+    for h in handles {
+        let name = h.await.expect("register");
+        members.push(login(servers[0], &name).await);
+    }
+    let mut ids: Vec<&str> = members.iter().map(|m| m.id.as_str()).collect();
+    ids.extend_from_slice(extra);
+    let (first, last) = (servers[0], servers[servers.len() - 1]);
+    let mut gid = String::new();
+    let mut conv = String::new();
+    for (i, chunk) in ids.chunks(200).enumerate() {
+        if i == 0 {
+            let (st, g) = post(
+                &first.url("/groups"),
+                Some(&owner.access),
+                json!({"name": "all hands", "member_ids": chunk}),
+            )
+            .await;
+            assert_eq!(st, 201, "{g}");
+            gid = g["group"]["id"].as_str().expect("gid").to_owned();
+            conv = g["group"]["conversation_id"]
+                .as_str()
+                .expect("conv")
+                .to_owned();
+        } else {
+            let (st, g) = post(
+                &last.url(&format!("/groups/{gid}/members")),
+                Some(&owner.access),
+                json!({"user_ids": chunk}),
+            )
+            .await;
+            assert_eq!(st, 200, "{g}");
+        }
+    }
+    (members, gid, conv)
+}
