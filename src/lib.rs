@@ -100,6 +100,7 @@ pub fn logic_settings(config: &Config, jwt_secret: String) -> LogicSettings {
         async_fanout_threshold: config.logic.async_fanout_threshold,
         max_content_chars: config.gateway.max_content_chars,
         presence_ttl: Duration::from_secs(config.repo.presence_ttl_secs.max(1)),
+        membership_ttl: Duration::from_secs(config.logic.membership_cache_secs),
         ..defaults
     }
 }

@@ -104,8 +104,9 @@ pub(crate) struct Session {
     out: mpsc::Sender<Outbound>,
     /// Taken when closing.
     close_tx: Option<oneshot::Sender<CloseCmd>>,
-    /// Sends for the publisher (bounded).
-    upstream: mpsc::Sender<UpstreamMessage>,
+    /// Sends for the publisher (bounded). Boxed: a channel allocates room for 32 items when it
+    /// is made, and 32 unboxed messages would cost every idle connection about 6 KiB.
+    upstream: mpsc::Sender<Box<UpstreamMessage>>,
     /// The delivery queue's sender, handed to the registry in `started`.
     deliveries: Option<mpsc::Sender<Delivery>>,
     last_seen: Instant,
@@ -125,7 +126,7 @@ pub(crate) struct SessionStart {
     pub user_id: String,
     pub ws: actix_ws::Session,
     pub stream: AggregatedMessageStream,
-    pub upstream: mpsc::Sender<UpstreamMessage>,
+    pub upstream: mpsc::Sender<Box<UpstreamMessage>>,
     pub trace_id: String,
 }
 
@@ -374,7 +375,7 @@ impl Session {
             (HEADER_SESSION.to_owned(), self.id.to_string()),
             (HEADER_TRACE.to_owned(), trace_id.clone()),
         ]);
-        let upstream = UpstreamMessage {
+        let upstream = Box::new(UpstreamMessage {
             trace_id,
             user_id: self.user_id.to_string(),
             gateway_id: self.shared.settings.gateway_id.clone(),
@@ -384,7 +385,7 @@ impl Session {
             client_msg_id: msg.client_msg_id,
             timestamp: now_ms(),
             headers,
-        };
+        });
         match self.upstream.try_send(upstream) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(m)) => self.send_error(
@@ -526,7 +527,7 @@ impl Handler<PublishFailed> for Session {
 /// Publishes one session's sends to the upstream topic, in order, keyed by conversation.
 pub(crate) async fn publish_loop<P: Producer>(
     bus: P,
-    mut rx: mpsc::Receiver<UpstreamMessage>,
+    mut rx: mpsc::Receiver<Box<UpstreamMessage>>,
     session: Addr<Session>,
     stats: Arc<GatewayStats>,
 ) {

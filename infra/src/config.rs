@@ -215,6 +215,10 @@ pub struct LogicConfig {
     pub idle_timeout_secs: u64,
     /// Groups bigger than this are delivered by the task service (spec: 500).
     pub async_fanout_threshold: i64,
+    /// Seconds a Conversation actor trusts a sender's membership without asking repo again
+    /// (a member who leaves or is removed is forgotten at once; this bounds it when that news
+    /// is lost). 0 asks repo for every batch.
+    pub membership_cache_secs: u64,
 }
 
 impl Default for LogicConfig {
@@ -229,6 +233,7 @@ impl Default for LogicConfig {
             max_batch: 256,
             idle_timeout_secs: 120,
             async_fanout_threshold: 500,
+            membership_cache_secs: 60,
         }
     }
 }

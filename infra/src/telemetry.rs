@@ -33,7 +33,7 @@ pub const MAILBOX_DEPTH: &str = "gochat_actor_mailbox_depth";
 /// Histogram: seconds an actor spends on one unit of work (a frame, a batch, a job), by `kind`.
 pub const HANDLING_SECONDS: &str = "gochat_actor_handling_seconds";
 /// Histogram: items in one batch (messages per conversation batch, recipients per fan-out
-/// record), by `kind`.
+/// record, conversation batches per SQLite group commit), by `kind`.
 pub const BATCH_SIZE: &str = "gochat_batch_size";
 
 /// `kind` of the gateway's Session actors.

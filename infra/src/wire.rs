@@ -21,6 +21,14 @@ pub fn downstream_topic(gateway_id: &str) -> String {
 /// Header naming the WebSocket session a message came from.
 pub const HEADER_SESSION: &str = "session_id";
 
+/// Header marking an upstream record as a control record for the conversation's actor rather
+/// than a message (gateways never set it; logic does).
+pub const HEADER_CONTROL: &str = "gochat_control";
+
+/// [`HEADER_CONTROL`] value: `user_id` left or was removed from the conversation, so the actor
+/// must check that user's membership again before storing anything more from them.
+pub const CONTROL_MEMBERSHIP: &str = "membership-changed";
+
 /// A message a user sent, on its way to the conversation's owner in logic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpstreamMessage {

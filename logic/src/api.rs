@@ -395,10 +395,15 @@ impl<R: RepoApi, B: Bus> GroupService for Logic<R, B> {
         self.core
             .repo
             .remove_group_member(Request::new(rpb::RemoveGroupMemberRequest {
-                group_id: r.group_id,
-                user_id: r.user_id,
+                group_id: r.group_id.clone(),
+                user_id: r.user_id.clone(),
             }))
             .await?;
+        if let Some(group) = gochat_infra::ids::parse_id(&r.group_id) {
+            self.core
+                .membership_changed(&gochat_infra::ids::group_conversation_id(group), &r.user_id)
+                .await;
+        }
         Ok(Response::new(pb::LeaveGroupResponse {}))
     }
 

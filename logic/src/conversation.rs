@@ -3,8 +3,9 @@
 //!
 //! An actor's mailbox is the serialization point of its conversation. Each message it receives
 //! is queued; while no batch is in flight, it takes everything queued (up to `max_batch`) and
-//! runs the batch: membership, dedup by (sender, client_msg_id), seq reservation, one
-//! multi-row save, read pointers of the senders, acks, delivery. Messages arriving meanwhile
+//! runs the batch: membership, dedup by (sender, client_msg_id) inside the batch, seq
+//! reservation, one multi-row save (which also finds keys stored before, and moves the senders'
+//! read pointers, in one transaction), acks, delivery. Messages arriving meanwhile
 //! wait for the next batch, so a busy conversation stores in large batches and an idle one with
 //! no delay.
 //!
@@ -34,7 +35,10 @@ use gochat_infra::ids::ConversationKind;
 use gochat_infra::mq::Bus;
 use gochat_infra::telemetry as t;
 use gochat_infra::time::now_ms;
-use gochat_infra::wire::{DownstreamKind, DownstreamMessage, HEADER_SESSION, UpstreamMessage};
+use gochat_infra::wire::{
+    CONTROL_MEMBERSHIP, DownstreamKind, DownstreamMessage, HEADER_CONTROL, HEADER_SESSION,
+    UpstreamMessage,
+};
 use gochat_infra::{AppError, ErrorCode};
 use gochat_proto::repo as rpb;
 use metrics::{counter, gauge, histogram};
@@ -250,6 +254,7 @@ fn start_actor<R: RepoApi, B: Bus>(
             busy: false,
             last_active: Instant::now(),
             seqs: Seqs::new(),
+            members: Members::default(),
             load: actor_load,
             _alive: Alive::new(),
         }
@@ -289,6 +294,8 @@ pub struct ConversationActor<R: RepoApi, B: Bus> {
     last_active: Instant,
     /// Seqs reserved but not stored yet, and whether the counter must be re-read from storage.
     seqs: Seqs,
+    /// Senders known to be members, and when repo said so.
+    members: Members,
     /// What `/admin/actors` reads about this actor.
     load: Arc<ActorLoad>,
     /// Keeps the actor counted while it lives.
@@ -348,22 +355,24 @@ impl<R: RepoApi, B: Bus> ConversationActor<R, B> {
         let conv = self.id.clone();
         let kind = self.kind;
         let seqs = std::mem::take(&mut self.seqs);
+        let members = std::mem::take(&mut self.members);
         let load = Arc::clone(&self.load);
         let started = Instant::now();
         let fut = async move {
             let (messages, done): (Vec<UpstreamMessage>, Vec<oneshot::Sender<()>>) =
                 batch.into_iter().map(|i| (i.message, i.done)).unzip();
-            let seqs = process(&core, &conv, kind, messages, seqs).await;
+            let state = process(&core, &conv, kind, messages, (seqs, members)).await;
             for d in done {
                 let _ = d.send(());
             }
             load.finished(take);
             histogram!(t::HANDLING_SECONDS, "kind" => "conversation")
                 .record(started.elapsed().as_secs_f64());
-            seqs
+            state
         };
-        ctx.spawn(fut.into_actor(self).map(|seqs, act, ctx| {
+        ctx.spawn(fut.into_actor(self).map(|(seqs, members), act, ctx| {
             act.seqs = seqs;
+            act.members = members;
             act.busy = false;
             act.last_active = Instant::now();
             if !act.queued.is_empty() {
@@ -380,15 +389,32 @@ struct Pending {
     session: String,
 }
 
-/// Handles one batch; returns the seq state for the next one.
+/// Handles one batch; returns the seq state and the known members for the next one.
 async fn process<R: RepoApi, B: Bus>(
     core: &Core<R, B>,
     conv: &str,
     kind: ConversationKind,
     messages: Vec<UpstreamMessage>,
-    mut seqs: Seqs,
-) -> Seqs {
-    // 1. Validate, and check membership once per sender.
+    (mut seqs, mut members): (Seqs, Members),
+) -> (Seqs, Members) {
+    // 0. Control records: a member left, so ask repo about them again. Messages of this batch
+    //    are checked after that, whatever their order (each is checked against repo's state
+    //    now, as without the memo).
+    let (controls, messages): (Vec<UpstreamMessage>, Vec<UpstreamMessage>) = messages
+        .into_iter()
+        .partition(|m| m.headers.contains_key(HEADER_CONTROL));
+    for c in &controls {
+        if c.headers.get(HEADER_CONTROL).map(String::as_str) == Some(CONTROL_MEMBERSHIP) {
+            members.forget(&c.user_id);
+        }
+    }
+    members.prune(core.settings.membership_ttl);
+    if messages.is_empty() {
+        return (seqs, members);
+    }
+
+    // 1. Validate, and check membership once per sender (repo is asked only about senders not
+    //    known as members within `membership_ttl`).
     let mut valid = Vec::with_capacity(messages.len());
     let mut membership: HashMap<String, Result<i64, AppError>> = HashMap::new();
     for up in messages {
@@ -407,7 +433,16 @@ async fn process<R: RepoApi, B: Bus>(
         }
         let sender = up.user_id.clone();
         if !membership.contains_key(&sender) {
-            let m = core.check_member(&sender, conv).await;
+            let m = match members.get(&sender, core.settings.membership_ttl) {
+                Some(count) => Ok(count),
+                None => {
+                    let m = core.check_member(&sender, conv).await;
+                    if let Ok(count) = m {
+                        members.remember(&sender, count);
+                    }
+                    m
+                }
+            };
             membership.insert(sender.clone(), m);
         }
         match membership.get(&sender) {
@@ -435,11 +470,13 @@ async fn process<R: RepoApi, B: Bus>(
         .find_map(|m| m.as_ref().ok().copied())
         .unwrap_or(0);
 
-    // 2. Dedup: a key stored before gets its original ack; a key seen earlier in this batch
-    //    gets the ack of that earlier message.
+    // 2. Dedup inside the batch: a key seen earlier in it gets the ack of that earlier message.
+    //    Keys stored before are found by SaveMessages, in the same transaction that stores the
+    //    rest (no lookup per message beforehand): it answers with the original, and new
+    //    messages take the lowest of the batch's seqs, so the seqs a duplicate leaves unused
+    //    are the highest ones and go back to `seqs` for the next batch, without a hole.
     let mut fresh: Vec<Pending> = Vec::with_capacity(valid.len());
     let mut repeats: Vec<(Pending, usize)> = Vec::new();
-    let mut originals: Vec<(Pending, rpb::CheckMessageIdempotencyResponse)> = Vec::new();
     let mut seen: HashMap<(String, String), usize> = HashMap::new();
     for p in valid {
         let key = (p.sender.clone(), p.up.client_msg_id.clone());
@@ -447,38 +484,10 @@ async fn process<R: RepoApi, B: Bus>(
             repeats.push((p, i));
             continue;
         }
-        match core
-            .repo
-            .check_message_idempotency(Request::new(rpb::CheckMessageIdempotencyRequest {
-                sender_id: p.sender.clone(),
-                client_msg_id: p.up.client_msg_id.clone(),
-            }))
-            .await
-        {
-            Ok(r) if r.get_ref().exists => originals.push((p, r.into_inner())),
-            Ok(_) => {
-                seen.insert(key, fresh.len());
-                fresh.push(p);
-            }
-            Err(status) => {
-                let e = repo_err(status);
-                core.send_error(
-                    &p.up.gateway_id,
-                    &p.session,
-                    &p.up.trace_id,
-                    conv,
-                    &p.up.client_msg_id,
-                    &e,
-                )
-                .await;
-            }
-        }
+        seen.insert(key, fresh.len());
+        fresh.push(p);
     }
-    for (p, original) in &originals {
-        core.ack(p, &original.message_id, original.seq_id, conv)
-            .await;
-    }
-    let retries = originals.len() + repeats.len();
+    let retries = repeats.len();
 
     // 3. Seqs, ids, storage.
     let stored = match store(core, conv, &fresh, &mut seqs).await {
@@ -496,7 +505,7 @@ async fn process<R: RepoApi, B: Bus>(
                 )
                 .await;
             }
-            return seqs;
+            return (seqs, members);
         }
     };
 
@@ -537,7 +546,7 @@ async fn process<R: RepoApi, B: Bus>(
         // Stored and acknowledged: recipients will find the messages by seq when they pull.
         tracing::error!(cause = %e, conv, "delivery failed after storage");
     }
-    seqs
+    (seqs, members)
 }
 
 /// What was stored for one fresh message.
@@ -548,6 +557,41 @@ struct Stored {
     content: String,
     created_at: i64,
     duplicate: bool,
+}
+
+/// Senders an actor knows to be members of its conversation, with the member count repo gave
+/// and when. Only positive answers are kept (a refused sender is asked about again), for at
+/// most `membership_ttl`; a control record forgets a user at once.
+#[derive(Debug, Default)]
+pub(crate) struct Members {
+    known: HashMap<String, (i64, Instant)>,
+}
+
+impl Members {
+    /// Entries kept before expired ones are swept.
+    const SWEEP_ABOVE: usize = 1024;
+
+    fn get(&self, user: &str, ttl: Duration) -> Option<i64> {
+        self.known
+            .get(user)
+            .filter(|(_, at)| at.elapsed() < ttl)
+            .map(|(count, _)| *count)
+    }
+
+    fn remember(&mut self, user: &str, count: i64) {
+        self.known.insert(user.to_owned(), (count, Instant::now()));
+    }
+
+    fn forget(&mut self, user: &str) {
+        self.known.remove(user);
+    }
+
+    /// Drops expired entries once there are many (a big group's actor sees many senders).
+    fn prune(&mut self, ttl: Duration) {
+        if self.known.len() > Self::SWEEP_ABOVE {
+            self.known.retain(|_, (_, at)| at.elapsed() < ttl);
+        }
+    }
 }
 
 /// The seq state an actor keeps between batches.

@@ -13,8 +13,8 @@ use gochat_infra::mq::Bus;
 use gochat_infra::telemetry;
 use gochat_infra::time::now_ms;
 use gochat_infra::wire::{
-    DownstreamKind, DownstreamMessage, FanoutTaskData, TASK_TOPIC, TaskMessage, TaskType,
-    downstream_topic,
+    CONTROL_MEMBERSHIP, DownstreamKind, DownstreamMessage, FanoutTaskData, HEADER_CONTROL,
+    TASK_TOPIC, TaskMessage, TaskType, UPSTREAM_TOPIC, UpstreamMessage, downstream_topic,
 };
 use gochat_infra::{AppError, ErrorCode};
 use gochat_proto::repo as rpb;
@@ -52,6 +52,40 @@ impl<R: RepoApi, B: Bus> Core<R, B> {
             )
             .await
             .map_err(|e| AppError::new(ErrorCode::Unavailable, format!("bus: {e}")))
+    }
+
+    /// Tells the conversation's actor (wherever it runs: the record goes through
+    /// `im-upstream-topic`, keyed like the conversation's messages) that `user` is no longer a
+    /// member. Best effort: if the record is lost, the actor asks repo again once its
+    /// `membership_ttl` has passed.
+    pub(crate) async fn membership_changed(&self, conversation: &str, user: &str) {
+        let record = UpstreamMessage {
+            trace_id: format!("{:016x}", self.ids.next_id()),
+            user_id: user.to_owned(),
+            gateway_id: String::new(),
+            conversation_id: conversation.to_owned(),
+            message_type: 0,
+            content: String::new(),
+            client_msg_id: String::new(),
+            timestamp: now_ms(),
+            headers: BTreeMap::from([(HEADER_CONTROL.to_owned(), CONTROL_MEMBERSHIP.to_owned())]),
+        };
+        let sent = match serde_json::to_vec(&record) {
+            Ok(payload) => self
+                .bus
+                .send(
+                    UPSTREAM_TOPIC,
+                    conversation,
+                    payload,
+                    record.headers.clone(),
+                )
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(cause) = sent {
+            tracing::warn!(%cause, conversation, user, "could not tell the conversation a member left");
+        }
     }
 
     /// Tells one session its message was refused.

@@ -17,30 +17,15 @@ use crate::{Core, Logic, RepoApi, repo_err};
 impl<R: RepoApi, B: Bus> Core<R, B> {
     /// The peers of a user's single chats.
     async fn single_chat_peers(&self, user: &str) -> Result<Vec<String>, AppError> {
-        let mut peers = Vec::new();
-        let mut page = 1;
-        loop {
-            let r = self
-                .repo
-                .get_user_conversations(Request::new(rpb::GetUserConversationsRequest {
-                    user_id: user.to_owned(),
-                    page,
-                    page_size: 100,
-                }))
-                .await
-                .map_err(repo_err)?
-                .into_inner();
-            peers.extend(
-                r.conversations
-                    .into_iter()
-                    .filter(|c| !c.peer_user_id.is_empty())
-                    .map(|c| c.peer_user_id),
-            );
-            if !r.has_more {
-                return Ok(peers);
-            }
-            page += 1;
-        }
+        Ok(self
+            .repo
+            .get_single_chat_peers(Request::new(rpb::GetSingleChatPeersRequest {
+                user_id: user.to_owned(),
+            }))
+            .await
+            .map_err(repo_err)?
+            .into_inner()
+            .user_ids)
     }
 
     /// Sends `online-status` about `user` to its online single-chat peers.

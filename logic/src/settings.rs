@@ -29,6 +29,9 @@ pub struct LogicSettings {
     pub max_in_flight: usize,
     /// Presence entries last this long unless refreshed.
     pub presence_ttl: Duration,
+    /// How long a Conversation actor trusts a sender's membership without asking repo (zero:
+    /// every batch asks). Leaving or removal forgets it at once through a control record.
+    pub membership_ttl: Duration,
 }
 
 impl Default for LogicSettings {
@@ -46,6 +49,7 @@ impl Default for LogicSettings {
             max_content_chars: 5000,
             max_in_flight: 4096,
             presence_ttl: Duration::from_secs(60),
+            membership_ttl: Duration::from_secs(60),
         }
     }
 }

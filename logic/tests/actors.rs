@@ -199,7 +199,15 @@ async fn single_chat_acks_in_seq_order_delivers_and_dedups() {
         .expect("ack");
     assert_eq!(ack.seq_id, 4);
     assert_eq!(ack.message_id, acks[3].message_id);
-    // History has exactly 20 messages, and bob has 20 unread.
+    // The seq reserved for the resend was not used: the next message takes it (no hole).
+    send(&w, &a, &conv, "m20", "hello 20", "sess-a").await;
+    let next = collect(&mut down, DownstreamKind::MessageAck, 1).await;
+    let ack = next
+        .iter()
+        .find(|m| m.kind == DownstreamKind::MessageAck)
+        .expect("ack");
+    assert_eq!(ack.seq_id, 21);
+    // History has exactly 21 messages, and bob has 21 unread.
     let history = w
         .logic
         .get_messages(Request::new(lpb::GetMessagesRequest {
@@ -212,7 +220,7 @@ async fn single_chat_acks_in_seq_order_delivers_and_dedups() {
         .await
         .expect("history")
         .into_inner();
-    assert_eq!(history.messages.len(), 20);
+    assert_eq!(history.messages.len(), 21);
     let list = w
         .logic
         .get_conversations(Request::new(lpb::GetConversationsRequest {
@@ -228,7 +236,7 @@ async fn single_chat_acks_in_seq_order_delivers_and_dedups() {
         .iter()
         .find(|c| c.id == conv)
         .expect("listed");
-    assert_eq!(c.unread_count, 20);
+    assert_eq!(c.unread_count, 21);
     let mine = w
         .logic
         .get_conversations(Request::new(lpb::GetConversationsRequest {
@@ -304,6 +312,38 @@ async fn non_members_get_an_error_frame() {
         .find(|m| m.kind == DownstreamKind::MessageAck)
         .expect("ack");
     assert_eq!(ack.seq_id, 1);
+
+    // The actor now trusts b's membership (for a minute by default); b is removed, and the
+    // very next message is refused: the removal reached the actor as a control record.
+    send(&w, &b, &group.conversation_id, "y2", "still here", "sess-b").await;
+    let recs = collect(&mut down, DownstreamKind::MessageAck, 1).await;
+    assert!(
+        recs.iter()
+            .any(|m| m.kind == DownstreamKind::MessageAck && m.seq_id == 2)
+    );
+    w.logic
+        .leave_group(Request::new(lpb::LeaveGroupRequest {
+            operator_id: a.clone(),
+            group_id: group.id.clone(),
+            user_id: b.clone(),
+        }))
+        .await
+        .expect("remove b");
+    send(&w, &b, &group.conversation_id, "y3", "am I out?", "sess-b").await;
+    let recs = collect(&mut down, DownstreamKind::Error, 1).await;
+    let err = recs
+        .iter()
+        .find(|m| m.kind == DownstreamKind::Error)
+        .expect("error");
+    assert_eq!((err.error_code, err.client_msg_id.as_str()), (4001, "y3"));
+    // The owner still sends, right after seq 2.
+    send(&w, &a, &group.conversation_id, "z1", "bye b", "sess-a").await;
+    let recs = collect(&mut down, DownstreamKind::MessageAck, 1).await;
+    let ack = recs
+        .iter()
+        .find(|m| m.kind == DownstreamKind::MessageAck)
+        .expect("ack");
+    assert_eq!((ack.seq_id, ack.client_msg_id.as_str()), (3, "z1"));
 }
 
 #[actix_rt::test]

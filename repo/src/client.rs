@@ -116,6 +116,7 @@ forward_grpc! {
         get_conversation(GetConversationRequest) -> GetConversationResponse: idempotent;
         check_membership(CheckMembershipRequest) -> CheckMembershipResponse: idempotent;
         get_conversation_members(GetConversationMembersRequest) -> GetConversationMembersResponse: idempotent;
+        get_single_chat_peers(GetSingleChatPeersRequest) -> GetSingleChatPeersResponse: idempotent;
     }
 }
 

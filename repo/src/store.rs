@@ -234,6 +234,8 @@ pub trait Store: Send + Sync + 'static {
         offset: i64,
         limit: i64,
     ) -> impl Future<Output = StoreResult<(Vec<UserConversation>, i64)>> + Send;
+    /// The other users of `user`'s single chats.
+    fn single_chat_peers(&self, user: i64) -> impl Future<Output = StoreResult<Vec<i64>>> + Send;
     /// A user's read pointer in a conversation (0 when never read).
     fn read_pointer(
         &self,
@@ -442,6 +444,9 @@ impl Store for AnyStore {
         limit: i64,
     ) -> StoreResult<(Vec<UserConversation>, i64)> {
         delegate!(self, s => s.user_conversations(user, offset, limit))
+    }
+    async fn single_chat_peers(&self, user: i64) -> StoreResult<Vec<i64>> {
+        delegate!(self, s => s.single_chat_peers(user))
     }
     async fn read_pointer(&self, user: i64, conversation: &str) -> StoreResult<i64> {
         delegate!(self, s => s.read_pointer(user, conversation))

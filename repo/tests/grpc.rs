@@ -45,9 +45,11 @@ matrix!(
     user_service_round_trip,
     verify_password,
     message_service_round_trip,
+    duplicates_inside_a_batch_leave_no_hole,
     group_service_round_trip,
     concurrent_group_adds,
     conversation_service_round_trip,
+    single_chat_peers,
     presence_round_trip,
     error_codes_survive,
     concurrent_writers_are_gap_free,
@@ -286,6 +288,84 @@ async fn verify_password(t: Server) {
         .expect("UpdateUser password");
     assert!(!verify(name.clone(), &format!("pw-{name}")).await.valid);
     assert!(verify(name.clone(), "new password ✓").await.valid);
+}
+
+/// A batch whose duplicates sit between new messages: the new ones take the lowest seqs, so
+/// the unused seqs are the top ones, which the next batch uses without a hole or reordering.
+async fn duplicates_inside_a_batch_leave_no_hole(t: Server) {
+    let (alice, bob) = (11, 21);
+    let conv = single_conversation_id(alice, bob).expect("two users");
+    let mut m = t.messages();
+    assert_eq!(t.reserve(&conv, 1).await, (1, 1));
+    let first = save_request(&conv, alice, 1, "a1", 0);
+    m.save_message(first.clone()).await.expect("first message");
+
+    let (low, high) = t.reserve(&conv, 5).await;
+    assert_eq!((low, high), (2, 6));
+    let two = save_request(&conv, bob, 2, "b2", 0);
+    let retry = save_request(&conv, alice, 3, "a1", 0);
+    let three = save_request(&conv, alice, 4, "a3", 0);
+    let again = save_request(&conv, bob, 5, "b2", 0);
+    let four = save_request(&conv, bob, 6, "b4", 0);
+    let results = m
+        .save_messages(pb::SaveMessagesRequest {
+            messages: vec![two.clone(), retry, three.clone(), again, four.clone()],
+            mark_read_by_sender: true,
+        })
+        .await
+        .expect("SaveMessages")
+        .into_inner()
+        .results;
+    let got: Vec<(bool, i64, String)> = results
+        .iter()
+        .map(|r| {
+            let msg = r.message.clone().expect("a message");
+            (r.duplicate, msg.seq_id, msg.id)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (false, 2, two.message_id.clone()),
+            (true, 1, first.message_id.clone()),
+            (false, 3, three.message_id.clone()),
+            (true, 2, two.message_id.clone()),
+            (false, 4, four.message_id.clone()),
+        ],
+        "new messages take 2, 3, 4 in batch order; duplicates answer with the original"
+    );
+    assert_eq!(seqs(&t.history(&conv).await), vec![1, 2, 3, 4]);
+
+    // 5 and 6 came back unused: the next batch stores them without a conflict.
+    let five = save_request(&conv, alice, 5, "a5", 0);
+    let six = save_request(&conv, alice, 6, "a6", 0);
+    let next = m
+        .save_messages(pb::SaveMessagesRequest {
+            messages: vec![five, six],
+            mark_read_by_sender: false,
+        })
+        .await
+        .expect("the unused seqs")
+        .into_inner()
+        .results;
+    assert!(next.iter().all(|r| !r.duplicate));
+    assert_eq!(seqs(&t.history(&conv).await), vec![1, 2, 3, 4, 5, 6]);
+    let conversation = t
+        .conversations()
+        .get_conversation(pb::GetConversationRequest {
+            conversation_id: conv.clone(),
+            user_id: alice.to_string(),
+        })
+        .await
+        .expect("GetConversation")
+        .into_inner()
+        .conversation
+        .expect("the conversation");
+    assert_eq!(conversation.last_seq, 6);
+    assert_eq!(
+        conversation.last_read_seq, 3,
+        "alice's read pointer moved to her newest new message, at its final seq"
+    );
 }
 
 async fn message_service_round_trip(t: Server) {
@@ -770,6 +850,63 @@ async fn concurrent_group_adds(t: Server) {
         union.len() + 1
     );
     assert_eq!(members.members.len(), union.len() + 1);
+}
+
+/// GetSingleChatPeers names the other user of every single chat, and nothing of groups.
+async fn single_chat_peers(t: Server) {
+    let u = t.seed_users(5).await;
+    let mut conv = t.conversations();
+    for peer in [u[1], u[2]] {
+        conv.get_or_create_single_conversation(pb::GetOrCreateSingleConversationRequest {
+            user_id: u[0].to_string(),
+            peer_user_id: peer.to_string(),
+        })
+        .await
+        .expect("GetOrCreateSingleConversation");
+    }
+    // u3 opened the chat with u0 from its side.
+    conv.get_or_create_single_conversation(pb::GetOrCreateSingleConversationRequest {
+        user_id: u[3].to_string(),
+        peer_user_id: u[0].to_string(),
+    })
+    .await
+    .expect("GetOrCreateSingleConversation");
+    t.groups()
+        .create_group(pb::CreateGroupRequest {
+            name: "not a peer".to_owned(),
+            owner_id: u[0].to_string(),
+            member_ids: ids(&[u[4]]),
+            avatar_url: String::new(),
+        })
+        .await
+        .expect("CreateGroup");
+    let peers = |user: i64| {
+        let mut conv = t.conversations();
+        async move {
+            let mut v = conv
+                .get_single_chat_peers(pb::GetSingleChatPeersRequest {
+                    user_id: user.to_string(),
+                })
+                .await
+                .expect("GetSingleChatPeers")
+                .into_inner()
+                .user_ids;
+            v.sort();
+            v
+        }
+    };
+    let mut want = ids(&[u[1], u[2], u[3]]);
+    want.sort();
+    assert_eq!(peers(u[0]).await, want);
+    assert_eq!(peers(u[3]).await, ids(&[u[0]]));
+    assert!(peers(u[4]).await.is_empty(), "a group member is no peer");
+    assert_code(
+        conv.get_single_chat_peers(pb::GetSingleChatPeersRequest {
+            user_id: "nobody".to_owned(),
+        })
+        .await,
+        ErrorCode::InvalidParameter,
+    );
 }
 
 async fn conversation_service_round_trip(t: Server) {

@@ -337,4 +337,19 @@ impl<S: Store, C: Cache> ConversationService for Repo<S, C> {
             has_more,
         }))
     }
+
+    async fn get_single_chat_peers(
+        &self,
+        request: Request<pb::GetSingleChatPeersRequest>,
+    ) -> Result<Response<pb::GetSingleChatPeersResponse>, Status> {
+        let user = id_field("user_id", &request.get_ref().user_id)?;
+        let peers = self
+            .store()
+            .single_chat_peers(user)
+            .await
+            .map_err(AppError::from)?;
+        Ok(Response::new(pb::GetSingleChatPeersResponse {
+            user_ids: peers.iter().map(i64::to_string).collect(),
+        }))
+    }
 }

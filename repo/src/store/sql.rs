@@ -78,6 +78,9 @@ pub(crate) enum TxError {
     Store(StoreError),
     /// A duplicate raced in: run the whole transaction again with a fresh snapshot.
     Retry,
+    /// A transaction shared with other batches (SQLite's group commit) failed for a reason
+    /// worth another try (the database was locked); the text says what happened.
+    Busy(String),
 }
 
 impl From<DieselError> for TxError {
@@ -92,6 +95,7 @@ impl From<TxError> for StoreError {
             TxError::Diesel(e) => classify(e),
             TxError::Store(e) => e,
             TxError::Retry => StoreError::Database("duplicate kept racing; gave up".into()),
+            TxError::Busy(why) => StoreError::Unavailable(why),
         }
     }
 }
@@ -176,7 +180,7 @@ pub(crate) const TX_RETRIES: usize = 8;
 /// Whether a transaction failed only because it raced another one and is worth running again.
 pub(crate) fn is_transient(err: &TxError) -> bool {
     match err {
-        TxError::Retry => true,
+        TxError::Retry | TxError::Busy(_) => true,
         TxError::Diesel(DieselError::DatabaseError(DatabaseErrorKind::SerializationFailure, _)) => {
             true
         }
@@ -289,7 +293,45 @@ impl Prepared {
     /// Decides each message against what is stored (`stored`: rows found by id or by key):
     /// a duplicate of a stored message, a duplicate of an earlier one in the batch, or new.
     /// Returns the outcomes in batch order and the rows to insert.
+    ///
+    /// New messages of a conversation take the lowest of the seqs the batch brought for that
+    /// conversation, in batch order: a duplicate in the middle of a batch then leaves its seq
+    /// unused at the top, never as a hole below a stored message (the caller gets the highest
+    /// seqs back unused and hands them out next).
     pub(crate) fn plan(&self, stored: Vec<Message>) -> (Vec<SaveOutcome>, Vec<Message>) {
+        let (mut outcomes, mut fresh) = self.decide(stored);
+        let mut seqs: HashMap<&str, Vec<i64>> = HashMap::new();
+        for m in &self.batch {
+            seqs.entry(m.conversation_id.as_str())
+                .or_default()
+                .push(m.seq_id);
+        }
+        for v in seqs.values_mut() {
+            v.sort_unstable();
+            v.reverse();
+        }
+        let mut renumbered: HashMap<i64, i64> = HashMap::new();
+        for m in &mut fresh {
+            if let Some(seq) = seqs.get_mut(m.conversation_id.as_str()).and_then(Vec::pop)
+                && seq != m.seq_id
+            {
+                renumbered.insert(m.id, seq);
+                m.seq_id = seq;
+            }
+        }
+        if !renumbered.is_empty() {
+            for o in &mut outcomes {
+                // Only new rows are renumbered, and a stored original never shares a new id.
+                if let Some(&seq) = renumbered.get(&o.message.id) {
+                    o.message.seq_id = seq;
+                }
+            }
+        }
+        (outcomes, fresh)
+    }
+
+    /// [`Self::plan`] before renumbering.
+    fn decide(&self, stored: Vec<Message>) -> (Vec<SaveOutcome>, Vec<Message>) {
         let mut by_id: HashMap<i64, Message> = HashMap::new();
         let mut by_key: HashMap<(i64, String), Message> = HashMap::new();
         for m in stored {
@@ -1068,6 +1110,27 @@ macro_rules! impl_sql_store {
                     .await
                     .optional()
                     .map_err($crate::store::sql::classify)
+            }
+
+            async fn single_chat_peers(&self, user: i64) -> $crate::store::StoreResult<Vec<i64>> {
+                use $crate::schema::conversation_members;
+                let mut conn = self.reader().await?;
+                let ids: Vec<String> = conversation_members::table
+                    .filter(conversation_members::user_id.eq(user))
+                    .select(conversation_members::conversation_id)
+                    .load(&mut *conn)
+                    .await
+                    .map_err($crate::store::sql::classify)?;
+                // Only single chats have two members whose ids the conversation id names.
+                Ok(ids
+                    .iter()
+                    .filter_map(|id| match gochat_infra::ids::ConversationKind::parse(id) {
+                        Some(gochat_infra::ids::ConversationKind::Single(a, b)) => {
+                            Some(if a == user { b } else { a })
+                        }
+                        _ => None,
+                    })
+                    .collect())
             }
 
             async fn user_conversations(

@@ -2,6 +2,12 @@
 //!
 //! One writer connection sits behind an async mutex, so writers queue in-process instead of
 //! failing with `SQLITE_BUSY`; readers come from a pool and never wait for the writer (WAL).
+//!
+//! Message batches are group-committed: a batch joins a queue, and whoever holds the writer
+//! next stores every queued batch in one transaction (each inside its own savepoint, so one
+//! batch's failure rolls back only that batch). While one transaction runs, the batches of
+//! other conversations gather for the next one, so the number of commits stays near what the
+//! writer can do while the messages per commit grow with the load.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,7 +19,9 @@ use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures::FutureExt;
-use tokio::sync::{Mutex, MutexGuard};
+use gochat_infra::telemetry as t;
+use metrics::histogram;
+use tokio::sync::{Mutex, MutexGuard, oneshot};
 
 use super::sql::{Prepared, TxError, impl_sql_store};
 use super::{StoreError, StoreResult};
@@ -36,9 +44,22 @@ pub struct SqliteStore {
     inner: Arc<Inner>,
 }
 
+/// A batch waiting for the writer, with where its outcome goes.
+type Queued = (Prepared, oneshot::Sender<Result<Vec<SaveOutcome>, TxError>>);
+
+/// The batches of the next group commit.
+#[derive(Default)]
+struct Queue {
+    batches: Vec<Queued>,
+    /// A [`commit_loop`] runs and will take what is queued.
+    committing: bool,
+}
+
 struct Inner {
     /// The one connection that writes.
     writer: Mutex<Conn>,
+    /// Message batches waiting for the next group commit.
+    queue: std::sync::Mutex<Queue>,
     /// Connections that only read.
     readers: Pool<Conn>,
     /// The database file.
@@ -92,6 +113,7 @@ impl SqliteStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 writer: Mutex::new(writer),
+                queue: std::sync::Mutex::new(Queue::default()),
                 readers: pool,
                 path: path.to_owned(),
             }),
@@ -102,16 +124,24 @@ impl SqliteStore {
         Ok(self.inner.writer.lock().await)
     }
 
-    /// One attempt at storing a batch: the whole transaction runs in one blocking call on the
-    /// writer's sync connection (one thread hop per batch instead of one per statement).
+    /// One attempt at storing a batch: it joins the queue of the next group commit, and the
+    /// batch's caller starts the committer when none runs.
     async fn save_once(&self, prepared: &Prepared) -> Result<Vec<SaveOutcome>, TxError> {
-        let prepared = prepared.clone();
-        let mut conn = self.inner.writer.lock().await;
-        conn.spawn_blocking(
-            move |c| Ok(c.transaction::<_, TxError, _>(|c| save_sync(c, &prepared))),
-        )
-        .await
-        .map_err(TxError::Diesel)?
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut q = self.inner.queue();
+            q.batches.push((prepared.clone(), tx));
+            !std::mem::replace(&mut q.committing, true)
+        };
+        if start {
+            // A task of its own: the commit must not stop when this caller is dropped.
+            tokio::spawn(commit_loop(Arc::clone(&self.inner)));
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(TxError::Store(StoreError::Unavailable(
+                "the sqlite writer stopped before storing the batch".into(),
+            )))
+        })
     }
 
     async fn reader(&self) -> StoreResult<Object<Conn>> {
@@ -139,11 +169,8 @@ mod sync_save {
         c: &mut SqliteConnection,
         p: &Prepared,
     ) -> Result<Vec<SaveOutcome>, TxError> {
-        // Same statement order as MySQL's path: lock existing rows, then create missing ones.
-        let ids: Vec<&str> = p.conversations.iter().map(|c| c.id.as_str()).collect();
-        diesel::update(conversations::table.filter(conversations::id.eq_any(&ids)))
-            .set(conversations::updated_at.eq(p.now))
-            .execute(c)?;
+        // Unlike MySQL's path, no statement locks the existing conversation rows first: this
+        // connection is the only writer. Missing rows are created.
         diesel::insert_or_ignore_into(conversations::table)
             .values(&p.conversations)
             .execute(c)?;
@@ -216,6 +243,81 @@ mod sync_save {
 
 use sync_save::save_sync;
 
+impl Inner {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Commits what is queued, again and again, until the queue is empty: while one transaction
+/// runs, the batches arriving meanwhile gather for the next.
+async fn commit_loop(inner: Arc<Inner>) {
+    /// Lets the next batch start a new loop if this one ends early (its runtime shut down).
+    struct Reset<'a>(&'a Inner, bool);
+    impl Drop for Reset<'_> {
+        fn drop(&mut self) {
+            if self.1 {
+                self.0.queue().committing = false;
+            }
+        }
+    }
+    let mut reset = Reset(&inner, true);
+    loop {
+        let mut conn = inner.writer.lock().await;
+        let queued = {
+            let mut q = inner.queue();
+            if q.batches.is_empty() {
+                q.committing = false;
+                reset.1 = false;
+                return;
+            }
+            std::mem::take(&mut q.batches)
+        };
+        histogram!(t::BATCH_SIZE, "kind" => "sqlite_commit").record(queued.len() as f64);
+        // Outcomes are sent from the blocking call itself, after the commit.
+        let done = conn.spawn_blocking(move |c| {
+            commit_group(c, queued);
+            Ok(())
+        });
+        if let Err(e) = done.await {
+            tracing::error!(cause = %e, "the sqlite writer failed");
+        }
+    }
+}
+
+/// Stores `queued` batches in one transaction, each in a savepoint of its own, and sends each
+/// its outcome once the transaction committed (or the reason it did not).
+fn commit_group(c: &mut SqliteConnection, queued: Vec<Queued>) {
+    let (batches, senders): (Vec<Prepared>, Vec<_>) = queued.into_iter().unzip();
+    let outcome = c.transaction::<_, TxError, _>(|c| {
+        Ok(batches
+            .iter()
+            .map(|p| c.transaction::<_, TxError, _>(|c| save_sync(c, p)))
+            .collect::<Vec<_>>())
+    });
+    match outcome {
+        Ok(results) => {
+            for (tx, result) in senders.into_iter().zip(results) {
+                let _ = tx.send(result);
+            }
+        }
+        Err(e) => {
+            let transient = super::sql::is_transient(&e);
+            let why = StoreError::from(e).to_string();
+            for tx in senders {
+                let e = if transient {
+                    TxError::Busy(why.clone())
+                } else {
+                    TxError::Store(StoreError::Database(why.clone()))
+                };
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
+}
+
 /// Applies pending migrations to the file at `path`.
 pub async fn migrate(path: &str) -> StoreResult<()> {
     let path = path.to_owned();
@@ -246,3 +348,99 @@ macro_rules! sqlite_batch {
 }
 
 impl_sql_store!(SqliteStore, sqlite_batch);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Direction, Message};
+    use crate::store::Store;
+
+    fn msg(id: i64, conv: &str, seq: i64, key: Option<&str>) -> Message {
+        Message {
+            id,
+            conversation_id: conv.to_owned(),
+            sender_id: 1,
+            message_type: 1,
+            content: format!("message {id}"),
+            seq_id: seq,
+            client_msg_id: key.map(str::to_owned),
+            created_at: 0,
+        }
+    }
+
+    async fn seqs(store: &SqliteStore, conv: &str) -> Vec<i64> {
+        let (rows, _) = store
+            .get_messages(conv, Direction::Forward { after_seq: 0 }, 100)
+            .await
+            .expect("history");
+        rows.iter().map(|m| m.seq_id).collect()
+    }
+
+    /// Three batches in one group commit: the one with a seq conflict rolls back alone (its
+    /// savepoint), the others commit, and a duplicate inside a batch leaves no hole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_batch_of_a_group_commit_rolls_back_alone() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("gochat.db");
+        let store = SqliteStore::open(path.to_str().expect("utf-8 path"), 2)
+            .await
+            .expect("open");
+        store
+            .save_messages(&[msg(1, "s_1_2", 1, Some("a"))])
+            .await
+            .expect("first message");
+
+        let batches = [
+            vec![msg(10, "s_1_2", 2, Some("b")), msg(11, "s_1_2", 3, None)],
+            vec![msg(20, "s_1_3", 1, None), msg(21, "s_1_2", 1, None)],
+            vec![msg(30, "s_1_4", 1, Some("a")), msg(31, "s_1_4", 2, None)],
+        ];
+        let mut answers = Vec::new();
+        let mut queued = Vec::new();
+        for b in &batches {
+            let (tx, rx) = oneshot::channel();
+            queued.push((Prepared::new(b, 1_700_000_000_000).expect("valid"), tx));
+            answers.push(rx);
+        }
+        let mut conn = store.inner.writer.lock().await;
+        conn.spawn_blocking(move |c| {
+            commit_group(c, queued);
+            Ok(())
+        })
+        .await
+        .expect("the group commit ran");
+        drop(conn);
+
+        let mut results = Vec::new();
+        for rx in answers {
+            results.push(rx.await.expect("an answer for every batch"));
+        }
+        let first = results[0].as_ref().expect("the first batch commits");
+        assert!(first.iter().all(|o| !o.duplicate));
+        assert!(
+            matches!(
+                &results[1],
+                Err(TxError::Store(StoreError::SeqConflict { .. }))
+            ),
+            "the conflicting batch fails: {:?}",
+            results[1].as_ref().err()
+        );
+        let third = results[2].as_ref().expect("the third batch commits");
+        assert!(third[0].duplicate && third[0].message.id == 1);
+        assert!(!third[1].duplicate);
+        assert_eq!(
+            (third[1].message.id, third[1].message.seq_id),
+            (31, 1),
+            "the new message takes the lowest seq"
+        );
+
+        assert_eq!(seqs(&store, "s_1_2").await, vec![1, 2, 3]);
+        assert_eq!(seqs(&store, "s_1_4").await, vec![1]);
+        assert_eq!(store.get_message(20).await.expect("get"), None);
+        assert_eq!(
+            store.get_conversation("s_1_3").await.expect("get"),
+            None,
+            "the failed batch's conversation row was rolled back with it"
+        );
+    }
+}
