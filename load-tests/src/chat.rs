@@ -156,6 +156,7 @@ pub fn traffic_rows(t: &mut Table, r: &TrafficResult) {
         .latency("gateway dispatch -> read", &r.read_lag)
         .latency("connect + upgrade", &r.connect_latency)
         .row("seq gaps", r.seq.gaps)
+        .row("not delivered by the end", r.seq.tail)
         .row("seq duplicates", r.seq.duplicates)
         .row("seq reordered", r.seq.reordered)
         .row("drained", if r.drained { "yes" } else { "no (time limit)" })

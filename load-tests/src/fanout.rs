@@ -141,6 +141,7 @@ impl Outcome for FanoutOutcome {
             .row("incomplete messages", self.incomplete_messages)
             .row("deliveries from earlier runs", self.foreign)
             .row("seq gaps", self.seq.gaps)
+            .row("not delivered by the end", self.seq.tail)
             .row("seq duplicates", self.seq.duplicates)
             .row("seq reordered", self.seq.reordered)
             .row(

@@ -6,7 +6,10 @@
 //! - a **duplicate** is a `new-message` whose seq this stream already has (or one from before
 //!   the run);
 //! - a **reordering** is a `new-message` whose seq is below one already delivered;
-//! - a **gap** is a seq in `base+1..=last` this stream never got, counted after the run drained.
+//! - a **gap** is a seq in `base+1..=last` this stream never got although it got a later one
+//!   (a hole), counted after the run;
+//! - the **tail** is what the stream never got above the highest seq it did get: nothing, once
+//!   the run drained; after a run stopped by its time limit, the deliveries still on their way.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,8 +18,11 @@ use serde::{Deserialize, Serialize};
 pub struct SeqTally {
     /// `new-message` frames checked.
     pub delivered: u64,
-    /// Seqs never received (after draining).
+    /// Seqs never received although a later one was (holes).
     pub gaps: u64,
+    /// Seqs never received above the highest one received (not delivered by the end).
+    #[serde(default)]
+    pub tail: u64,
     /// Seqs received more than once.
     pub duplicates: u64,
     /// Seqs received after a higher one.
@@ -28,13 +34,14 @@ impl SeqTally {
     pub fn add(&mut self, o: &Self) {
         self.delivered += o.delivered;
         self.gaps += o.gaps;
+        self.tail += o.tail;
         self.duplicates += o.duplicates;
         self.reordered += o.reordered;
     }
 
-    /// No gap, no duplicate, no reordering.
+    /// Nothing missing (holes or tail), no duplicate, no reordering.
     pub fn clean(&self) -> bool {
-        self.gaps == 0 && self.duplicates == 0 && self.reordered == 0
+        self.gaps == 0 && self.tail == 0 && self.duplicates == 0 && self.reordered == 0
     }
 }
 
@@ -46,6 +53,8 @@ pub struct SeqStream {
     seen: Vec<u64>,
     /// Highest seq delivered as a `new-message`.
     max_delivered: u64,
+    /// Highest seq seen at all (delivered or acked as this recipient's own).
+    max_seen: u64,
     tally: SeqTally,
 }
 
@@ -59,6 +68,7 @@ impl SeqStream {
             base,
             seen: Vec::new(),
             max_delivered: base,
+            max_seen: base,
             tally: SeqTally::default(),
         }
     }
@@ -89,11 +99,13 @@ impl SeqStream {
             self.tally.reordered += 1;
         }
         self.max_delivered = self.max_delivered.max(seq);
+        self.max_seen = self.max_seen.max(seq);
     }
 
     /// This recipient's own message was stored with `seq` (its ack).
     pub fn own(&mut self, seq: u64) {
         self.mark(seq);
+        self.max_seen = self.max_seen.max(seq);
     }
 
     /// The tally, with the gaps up to `last` (the conversation's last seq after the run).
@@ -113,7 +125,12 @@ impl SeqStream {
         {
             have += u64::from((w & ((1u64 << rest) - 1)).count_ones());
         }
-        t.gaps = expected - have;
+        let missing = expected - have;
+        let tail = last
+            .saturating_sub(self.max_seen.max(self.base))
+            .min(missing);
+        t.tail = tail;
+        t.gaps = missing - tail;
         t
     }
 }
@@ -145,11 +162,25 @@ mod tests {
         let t = s.finish(72);
         assert_eq!(t.reordered, 1);
         assert_eq!(t.duplicates, 1);
-        // Missing: 4..=69 (66) and 71, 72.
-        assert_eq!(t.gaps, 68);
+        // Missing: 4..=69 (66 holes) and 71, 72 (the tail, above the highest received).
+        assert_eq!((t.gaps, t.tail), (66, 2));
+        assert!(!t.clean());
         // A seq from before the run is a duplicate.
         let mut old = SeqStream::new(5);
         old.delivered(5);
         assert_eq!(old.finish(5).duplicates, 1);
+    }
+
+    #[test]
+    fn a_stream_cut_short_has_a_tail_not_gaps() {
+        let mut s = SeqStream::new(0);
+        s.delivered(1);
+        s.own(2);
+        s.delivered(3);
+        let t = s.finish(6);
+        assert_eq!((t.gaps, t.tail), (0, 3));
+        assert!(!t.clean(), "missing deliveries are never clean");
+        let nothing = SeqStream::new(4).finish(6);
+        assert_eq!((nothing.gaps, nothing.tail), (0, 2));
     }
 }

@@ -80,6 +80,9 @@ pub trait Cache: Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = CacheResult<()>> + Send;
 
+    /// Every member in `group_members:{group}`, in no set order; `None` when it is not cached.
+    fn members_get(&self, group: i64)
+    -> impl Future<Output = CacheResult<Option<Vec<i64>>>> + Send;
     /// Whether `user` is in `group_members:{group}`; `None` when the set is not cached.
     fn members_contains(
         &self,
@@ -219,6 +222,9 @@ impl Cache for AnyCache {
         ttl: Duration,
     ) -> CacheResult<()> {
         delegate!(self, c => c.dedup_set_many(entries, ttl))
+    }
+    async fn members_get(&self, group: i64) -> CacheResult<Option<Vec<i64>>> {
+        delegate!(self, c => c.members_get(group))
     }
     async fn members_contains(&self, group: i64, user: i64) -> CacheResult<Option<bool>> {
         delegate!(self, c => c.members_contains(group, user))

@@ -299,7 +299,11 @@ async fn dedup<C: Backend>(c: C) {
 
 async fn members<C: Backend>(c: C) {
     assert_eq!(c.members_contains(5, 1).await.expect("contains"), None);
+    assert_eq!(c.members_get(5).await.expect("get"), None);
     c.members_set(5, &[1, 2, 3], TTL).await.expect("set");
+    let mut all = c.members_get(5).await.expect("get").expect("cached");
+    all.sort_unstable();
+    assert_eq!(all, vec![1, 2, 3]);
     assert_eq!(
         c.members_contains(5, 1).await.expect("contains"),
         Some(true)
@@ -326,6 +330,11 @@ async fn members<C: Backend>(c: C) {
 
     c.members_set(6, &[], TTL).await.expect("set empty");
     assert_eq!(
+        c.members_get(6).await.expect("get"),
+        Some(Vec::new()),
+        "an empty group is cached, not a miss"
+    );
+    assert_eq!(
         c.members_contains(6, 1).await.expect("contains"),
         Some(false),
         "an empty group is cached, not a miss"
@@ -337,6 +346,7 @@ async fn members<C: Backend>(c: C) {
 
     c.members_del(5).await.expect("del");
     assert_eq!(c.members_contains(5, 4).await.expect("contains"), None);
+    assert_eq!(c.members_get(5).await.expect("get"), None);
     assert_eq!(
         c.members_contains(6, 1).await.expect("contains"),
         Some(false)

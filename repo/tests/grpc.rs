@@ -1017,6 +1017,30 @@ async fn conversation_service_round_trip(t: Server) {
     assert_eq!((page.user_ids, page.has_more), (ids(&[a]), true));
     let page = members(&group_conv, 1, 1).await;
     assert_eq!((page.user_ids, page.has_more), (ids(&[b]), false));
+    // A first page holding the whole group (from the cached member set, ascending), and it
+    // follows the membership: a new member is in the next answer, a removed one is not.
+    let (lo, hi) = (a.min(b), a.max(b));
+    assert_eq!(members(&group_conv, 0, 0).await.user_ids, ids(&[lo, hi]));
+    t.groups()
+        .add_group_member(pb::AddGroupMemberRequest {
+            group_id: group.id.clone(),
+            user_ids: ids(&[c]),
+            ..Default::default()
+        })
+        .await
+        .expect("add c");
+    let mut want = vec![a, b, c];
+    want.sort_unstable();
+    let page = members(&group_conv, 0, 0).await;
+    assert_eq!((page.user_ids, page.has_more), (ids(&want), false));
+    t.groups()
+        .remove_group_member(pb::RemoveGroupMemberRequest {
+            group_id: group.id.clone(),
+            user_id: c.to_string(),
+        })
+        .await
+        .expect("remove c");
+    assert_eq!(members(&group_conv, 0, 0).await.user_ids, ids(&[lo, hi]));
 
     // Messages, unread counts, read pointers.
     for k in 0..3 {

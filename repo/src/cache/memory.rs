@@ -277,6 +277,13 @@ impl Cache for MemoryCache {
         Ok(())
     }
 
+    async fn members_get(&self, group: i64) -> CacheResult<Option<Vec<i64>>> {
+        Ok(match self.get(&Key::Members(group)).await {
+            Some(Val::Members(set)) => Some(set.iter().copied().collect()),
+            _ => None,
+        })
+    }
+
     async fn members_contains(&self, group: i64, user: i64) -> CacheResult<Option<bool>> {
         Ok(match self.get(&Key::Members(group)).await {
             Some(Val::Members(set)) => Some(set.contains(&user)),

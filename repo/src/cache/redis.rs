@@ -423,6 +423,25 @@ impl Cache for RedisCache {
             .map_err(fail("dedup_set_many"))
     }
 
+    async fn members_get(&self, group: i64) -> CacheResult<Option<Vec<i64>>> {
+        let mut conn = self.conn().await?;
+        let all: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.members_key(group))
+            .query_async(&mut conn)
+            .await
+            .map_err(fail("members_get"))?;
+        // A cached set always holds the marker; an empty answer is a missing key.
+        if all.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            all.iter()
+                .filter(|m| m.as_str() != MEMBERS_MARKER)
+                .filter_map(|m| m.parse().ok())
+                .collect(),
+        ))
+    }
+
     async fn members_contains(&self, group: i64, user: i64) -> CacheResult<Option<bool>> {
         let key = self.members_key(group);
         let mut conn = self.conn().await?;

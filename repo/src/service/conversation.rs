@@ -327,9 +327,23 @@ impl<S: Store, C: Cache> ConversationService for Repo<S, C> {
                 (all[from..].to_vec(), false)
             }
             ConversationKind::Group(g) => {
-                let (members, total) = self.member_page(g, offset, limit).await?;
-                let more = offset + i64::try_from(members.len()).unwrap_or(0) < total;
-                (members.into_iter().map(|m| m.user_id).collect(), more)
+                // A first page that holds the whole group comes from the member set (cached,
+                // ascending ids): what delivery to a small group asks for every batch.
+                let whole = if offset == 0 {
+                    Some(self.member_ids(g).await?)
+                } else {
+                    None
+                };
+                match whole {
+                    Some(ids) if i64::try_from(ids.len()).unwrap_or(i64::MAX) <= limit => {
+                        (ids, false)
+                    }
+                    _ => {
+                        let (members, total) = self.member_page(g, offset, limit).await?;
+                        let more = offset + i64::try_from(members.len()).unwrap_or(0) < total;
+                        (members.into_iter().map(|m| m.user_id).collect(), more)
+                    }
+                }
             }
         };
         Ok(Response::new(pb::GetConversationMembersResponse {

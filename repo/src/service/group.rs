@@ -63,16 +63,31 @@ impl<S: Store, C: Cache> Repo<S, C> {
         ) {
             return Ok(b);
         }
+        Ok(self.load_member_ids(group).await?.contains(&user))
+    }
+
+    /// Every member id of `group`, through `group_members:{group}` (ascending).
+    pub(crate) async fn member_ids(&self, group: i64) -> Result<Vec<i64>, AppError> {
+        if let Some(mut ids) = cache_read(self.cache().members_get(group).await, "group_members") {
+            ids.sort_unstable();
+            return Ok(ids);
+        }
+        let mut ids = self.load_member_ids(group).await?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Reads a group's member ids from the store and caches them.
+    async fn load_member_ids(&self, group: i64) -> Result<Vec<i64>, AppError> {
         self.require_group(group).await?;
         let ids = self.store().group_member_ids(group).await?;
-        let is_member = ids.contains(&user);
         cache_write(
             self.cache()
                 .members_set(group, &ids, self.settings().entry_ttl)
                 .await,
             "group_members",
         );
-        Ok(is_member)
+        Ok(ids)
     }
 
     /// A page of members.

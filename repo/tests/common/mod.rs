@@ -298,6 +298,10 @@ impl<C: Cache> Cache for Switch<C> {
         self.check()?;
         self.inner.dedup_set_many(entries, ttl).await
     }
+    async fn members_get(&self, group: i64) -> CacheResult<Option<Vec<i64>>> {
+        self.check()?;
+        self.inner.members_get(group).await
+    }
     async fn members_contains(&self, group: i64, user: i64) -> CacheResult<Option<bool>> {
         self.check()?;
         self.inner.members_contains(group, user).await
