@@ -391,27 +391,8 @@ async fn four_senders_into_one_group_arrive_in_order() {
         listeners.push(Ws::connect(&s, &u.access).await);
     }
     let per = 250;
-    let mut senders = Vec::new();
-    for (k, u) in users.iter().take(4).enumerate() {
-        let mut ws = Ws::connect(&s, &u.access).await;
-        let conv = conv.clone();
-        senders.push(tokio::spawn(async move {
-            for i in 0..per {
-                ws.send_message(&conv, &format!("s{k}-{i}"), &format!("s{k}-{i}"))
-                    .await;
-            }
-            let mut acks = 0;
-            while acks < per {
-                let f = ws.next().await.expect("open");
-                if f["type"] == "message-ack" {
-                    acks += 1;
-                }
-            }
-            ws
-        }));
-    }
-    // Every listener reads concurrently: a client that stops reading is (rightly) closed as
-    // too slow once its outbound queue fills.
+    // Every listener reads concurrently from before the first send: a client that stops
+    // reading is (rightly) closed as too slow once its outbound queue fills.
     let total = 4 * per;
     let readers: Vec<_> = listeners
         .into_iter()
@@ -427,6 +408,29 @@ async fn four_senders_into_one_group_arrive_in_order() {
             })
         })
         .collect();
+    let mut senders = Vec::new();
+    for (k, u) in users.iter().take(4).enumerate() {
+        let mut ws = Ws::connect(&s, &u.access).await;
+        let conv = conv.clone();
+        senders.push(tokio::spawn(async move {
+            // In rounds of 25, reading this connection's frames (its acks, and the others'
+            // messages to the group) between rounds, so it never stops reading for long.
+            for round in 0..per / 25 {
+                for i in round * 25..(round + 1) * 25 {
+                    ws.send_message(&conv, &format!("s{k}-{i}"), &format!("s{k}-{i}"))
+                        .await;
+                }
+                let mut acks = 0;
+                while acks < 25 {
+                    let f = ws.next().await.expect("open");
+                    if f["type"] == "message-ack" {
+                        acks += 1;
+                    }
+                }
+            }
+            ws
+        }));
+    }
     for r in readers {
         let (n, seqs) = r.await.expect("reader");
         assert_eq!(

@@ -20,7 +20,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures::FutureExt;
 use gochat_infra::telemetry as t;
-use metrics::histogram;
+use metrics::{counter, histogram};
 use tokio::sync::{Mutex, MutexGuard, oneshot};
 
 use super::sql::{Prepared, TxError, impl_sql_store};
@@ -155,14 +155,19 @@ impl SqliteStore {
 
 /// The SQLite save path, on the sync connection (diesel's sync query methods, not diesel-async's).
 mod sync_save {
+    use std::collections::{BTreeSet, HashMap};
+
     use diesel::prelude::*;
 
     use super::super::sql::{
-        INSERT_CHUNK, NewReadPointer, Prepared, TxError, insert_failure, newest_per_conversation,
-        newest_per_sender,
+        INSERT_CHUNK, NewConversation, NewReadPointer, Prepared, TxError, insert_failure,
+        newest_per_conversation, newest_per_sender,
     };
     use crate::model::{Message, SaveOutcome};
     use crate::schema::{conversations, messages, user_read_pointers};
+
+    /// Most messages a merged group commit takes; above it, batches go one by one.
+    const MERGE_MAX_MESSAGES: usize = 4096;
 
     /// Stores a prepared batch inside an open transaction.
     pub(super) fn save_sync(
@@ -171,11 +176,95 @@ mod sync_save {
     ) -> Result<Vec<SaveOutcome>, TxError> {
         // Unlike MySQL's path, no statement locks the existing conversation rows first: this
         // connection is the only writer. Missing rows are created.
-        diesel::insert_or_ignore_into(conversations::table)
-            .values(&p.conversations)
-            .execute(c)?;
+        create_conversations(c, &p.conversations)?;
+        let stored = find_stored(c, &p.ids, &p.senders, &p.keys)?;
+        let (outcomes, rows) = p.plan(stored);
+        insert_rows(c, &rows)?;
+        advance_conversations(c, &rows, p.now)?;
+        if p.mark_read {
+            mark_read(c, newest_per_sender(&rows), p.now)?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Stores several batches with one set of statements (one lookup of what is stored, one
+    /// multi-row insert per 500 rows) instead of one set per batch. Fails (for the caller to
+    /// roll back and go batch by batch) when the batches collide with each other (one id, key
+    /// or seq in two batches) or are too many; each batch's answer is what
+    /// [`save_sync`] would give alone.
+    pub(super) fn save_merged(
+        c: &mut SqliteConnection,
+        batches: &[Prepared],
+    ) -> Result<Option<Vec<Vec<SaveOutcome>>>, TxError> {
+        if batches.iter().map(|p| p.batch.len()).sum::<usize>() > MERGE_MAX_MESSAGES {
+            return Ok(None);
+        }
+        let now = batches.iter().map(|p| p.now).max().unwrap_or_default();
+        let mut seen = BTreeSet::new();
+        let new_conversations: Vec<NewConversation> = batches
+            .iter()
+            .flat_map(|p| p.conversations.iter())
+            .filter(|nc| seen.insert(nc.id.clone()))
+            .cloned()
+            .collect();
+        create_conversations(c, &new_conversations)?;
+        let ids: Vec<i64> = batches.iter().flat_map(|p| p.ids.iter().copied()).collect();
+        let keys: Vec<String> = batches
+            .iter()
+            .flat_map(|p| p.keys.iter().cloned())
+            .collect();
+        let senders: Vec<i64> = batches
+            .iter()
+            .flat_map(|p| p.senders.iter().copied())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let stored = find_stored(c, &ids, &senders, &keys)?;
+        let mut answers = Vec::with_capacity(batches.len());
+        let mut rows: Vec<Message> = Vec::new();
+        let mut read: HashMap<(i64, String), i64> = HashMap::new();
+        for p in batches {
+            let (outcomes, fresh) = p.plan(stored.clone());
+            if p.mark_read {
+                for (user, conv, seq) in newest_per_sender(&fresh) {
+                    let e = read.entry((user, conv.to_owned())).or_insert(seq);
+                    *e = (*e).max(seq);
+                }
+            }
+            rows.extend(fresh);
+            answers.push(outcomes);
+        }
+        insert_rows(c, &rows)?;
+        advance_conversations(c, &rows, now)?;
+        mark_read(
+            c,
+            read.iter().map(|((u, conv), s)| (*u, conv.as_str(), *s)),
+            now,
+        )?;
+        Ok(Some(answers))
+    }
+
+    fn create_conversations(
+        c: &mut SqliteConnection,
+        rows: &[NewConversation],
+    ) -> Result<(), TxError> {
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            diesel::insert_or_ignore_into(conversations::table)
+                .values(chunk)
+                .execute(c)?;
+        }
+        Ok(())
+    }
+
+    /// Stored messages with one of `ids`, or one of `keys` from one of `senders`.
+    fn find_stored(
+        c: &mut SqliteConnection,
+        ids: &[i64],
+        senders: &[i64],
+        keys: &[String],
+    ) -> Result<Vec<Message>, TxError> {
         let mut stored = Vec::new();
-        for chunk in p.ids.chunks(INSERT_CHUNK) {
+        for chunk in ids.chunks(INSERT_CHUNK) {
             stored.extend(
                 messages::table
                     .filter(messages::id.eq_any(chunk))
@@ -183,23 +272,35 @@ mod sync_save {
                     .load(c)?,
             );
         }
-        for chunk in p.keys.chunks(INSERT_CHUNK) {
+        for chunk in keys.chunks(INSERT_CHUNK) {
             stored.extend(
                 messages::table
-                    .filter(messages::sender_id.eq_any(&p.senders))
+                    .filter(messages::sender_id.eq_any(senders))
                     .filter(messages::client_msg_id.eq_any(chunk))
                     .select(Message::as_select())
                     .load(c)?,
             );
         }
-        let (outcomes, rows) = p.plan(stored);
+        Ok(stored)
+    }
+
+    fn insert_rows(c: &mut SqliteConnection, rows: &[Message]) -> Result<(), TxError> {
         for chunk in rows.chunks(INSERT_CHUNK) {
             diesel::insert_into(messages::table)
                 .values(chunk)
                 .execute(c)
                 .map_err(|e| insert_failure(e, chunk))?;
         }
-        for m in newest_per_conversation(&rows) {
+        Ok(())
+    }
+
+    /// Moves each conversation's last seq and message forward to its newest row.
+    fn advance_conversations(
+        c: &mut SqliteConnection,
+        rows: &[Message],
+        now: i64,
+    ) -> Result<(), TxError> {
+        for m in newest_per_conversation(rows) {
             diesel::update(
                 conversations::table
                     .filter(conversations::id.eq(&m.conversation_id))
@@ -209,39 +310,46 @@ mod sync_save {
                 conversations::last_seq.eq(m.seq_id),
                 conversations::last_message_id.eq(Some(m.id)),
                 conversations::last_message_at.eq(m.created_at),
-                conversations::updated_at.eq(p.now),
+                conversations::updated_at.eq(now),
             ))
             .execute(c)?;
         }
-        if p.mark_read {
-            for (user, conv, seq) in newest_per_sender(&rows) {
-                let forward = diesel::update(
-                    user_read_pointers::table
-                        .filter(user_read_pointers::user_id.eq(user))
-                        .filter(user_read_pointers::conversation_id.eq(conv))
-                        .filter(user_read_pointers::last_read_seq_id.lt(seq)),
-                )
-                .set((
-                    user_read_pointers::last_read_seq_id.eq(seq),
-                    user_read_pointers::updated_at.eq(p.now),
-                ));
-                if forward.execute(c)? == 0 {
-                    diesel::insert_or_ignore_into(user_read_pointers::table)
-                        .values(&NewReadPointer {
-                            user_id: user,
-                            conversation_id: conv,
-                            last_read_seq_id: seq,
-                            updated_at: p.now,
-                        })
-                        .execute(c)?;
-                }
+        Ok(())
+    }
+
+    /// Moves read pointers forward (creating missing ones).
+    fn mark_read<'a>(
+        c: &mut SqliteConnection,
+        pointers: impl IntoIterator<Item = (i64, &'a str, i64)>,
+        now: i64,
+    ) -> Result<(), TxError> {
+        for (user, conv, seq) in pointers {
+            let forward = diesel::update(
+                user_read_pointers::table
+                    .filter(user_read_pointers::user_id.eq(user))
+                    .filter(user_read_pointers::conversation_id.eq(conv))
+                    .filter(user_read_pointers::last_read_seq_id.lt(seq)),
+            )
+            .set((
+                user_read_pointers::last_read_seq_id.eq(seq),
+                user_read_pointers::updated_at.eq(now),
+            ));
+            if forward.execute(c)? == 0 {
+                diesel::insert_or_ignore_into(user_read_pointers::table)
+                    .values(&NewReadPointer {
+                        user_id: user,
+                        conversation_id: conv,
+                        last_read_seq_id: seq,
+                        updated_at: now,
+                    })
+                    .execute(c)?;
             }
         }
-        Ok(outcomes)
+        Ok(())
     }
 }
 
-use sync_save::save_sync;
+use sync_save::{save_merged, save_sync};
 
 impl Inner {
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -277,21 +385,53 @@ async fn commit_loop(inner: Arc<Inner>) {
         };
         histogram!(t::BATCH_SIZE, "kind" => "sqlite_commit").record(queued.len() as f64);
         // Outcomes are sent from the blocking call itself, after the commit.
-        let done = conn.spawn_blocking(move |c| {
-            commit_group(c, queued);
-            Ok(())
-        });
-        if let Err(e) = done.await {
-            tracing::error!(cause = %e, "the sqlite writer failed");
+        let done = conn.spawn_blocking(move |c| Ok(commit_group(c, queued)));
+        match done.await {
+            Ok(how) => counter!(t::STORE_GROUP_COMMITS, "how" => how.label()).increment(1),
+            Err(e) => tracing::error!(cause = %e, "the sqlite writer failed"),
         }
     }
 }
 
-/// Stores `queued` batches in one transaction, each in a savepoint of its own, and sends each
-/// its outcome once the transaction committed (or the reason it did not).
-fn commit_group(c: &mut SqliteConnection, queued: Vec<Queued>) {
+/// How a group commit stored its batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    /// All batches with one set of statements.
+    Merged,
+    /// Batch by batch, each in a savepoint (one batch, or batches that collided).
+    OneByOne,
+    /// The transaction failed; every batch was told why.
+    Failed,
+}
+
+impl Stored {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Merged => "merged",
+            Self::OneByOne => "one_by_one",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Stores `queued` batches in one transaction and sends each its outcome once the transaction
+/// committed (or the reason it did not). First all batches as one, in a savepoint; if they
+/// collide or fail, batch by batch, each in a savepoint of its own, so one batch's failure is
+/// that batch's alone.
+fn commit_group(c: &mut SqliteConnection, queued: Vec<Queued>) -> Stored {
     let (batches, senders): (Vec<Prepared>, Vec<_>) = queued.into_iter().unzip();
+    let mut how = Stored::OneByOne;
     let outcome = c.transaction::<_, TxError, _>(|c| {
+        if batches.len() > 1 {
+            match c.transaction::<_, TxError, _>(|c| save_merged(c, &batches)) {
+                Ok(Some(merged)) => {
+                    how = Stored::Merged;
+                    return Ok(merged.into_iter().map(Ok).collect());
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(cause = ?e, "merged group commit failed; one by one"),
+            }
+        }
         Ok(batches
             .iter()
             .map(|p| c.transaction::<_, TxError, _>(|c| save_sync(c, p)))
@@ -302,6 +442,7 @@ fn commit_group(c: &mut SqliteConnection, queued: Vec<Queued>) {
             for (tx, result) in senders.into_iter().zip(results) {
                 let _ = tx.send(result);
             }
+            how
         }
         Err(e) => {
             let transient = super::sql::is_transient(&e);
@@ -314,6 +455,7 @@ fn commit_group(c: &mut SqliteConnection, queued: Vec<Queued>) {
                 };
                 let _ = tx.send(Err(e));
             }
+            Stored::Failed
         }
     }
 }
@@ -376,6 +518,107 @@ mod tests {
         rows.iter().map(|m| m.seq_id).collect()
     }
 
+    /// Runs `batches` as one group commit and returns each batch's answer.
+    async fn group_commit(
+        store: &SqliteStore,
+        batches: &[Vec<Message>],
+        mark_read: bool,
+    ) -> (Stored, Vec<Result<Vec<SaveOutcome>, TxError>>) {
+        let mut answers = Vec::new();
+        let mut queued = Vec::new();
+        for b in batches {
+            let (tx, rx) = oneshot::channel();
+            let mut p = Prepared::new(b, 1_700_000_000_000).expect("valid");
+            p.mark_read = mark_read;
+            queued.push((p, tx));
+            answers.push(rx);
+        }
+        let mut conn = store.inner.writer.lock().await;
+        let how = conn
+            .spawn_blocking(move |c| Ok(commit_group(c, queued)))
+            .await
+            .expect("the group commit ran");
+        drop(conn);
+        let mut results = Vec::new();
+        for rx in answers {
+            results.push(rx.await.expect("an answer for every batch"));
+        }
+        (how, results)
+    }
+
+    /// Batches of different conversations are stored together (the merged path) with the
+    /// answers, conversation rows and read pointers each would get alone; batches that collide
+    /// (one key in two of them) fall back to one by one, where the later one is a duplicate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn merged_group_commits_answer_like_single_batches() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("gochat.db");
+        let store = SqliteStore::open(path.to_str().expect("utf-8 path"), 2)
+            .await
+            .expect("open");
+        store
+            .save_messages(&[msg(1, "s_1_2", 1, Some("k1"))])
+            .await
+            .expect("first message");
+        let mut retry = msg(12, "s_1_3", 1, Some("k1"));
+        retry.sender_id = 1;
+        let (how, results) = group_commit(
+            &store,
+            &[
+                vec![msg(10, "s_1_2", 2, Some("k2")), msg(11, "s_1_2", 3, None)],
+                vec![retry, msg(13, "s_1_3", 2, Some("k3"))],
+                vec![msg(14, "g_9", 1, None)],
+            ],
+            true,
+        )
+        .await;
+        assert_eq!(how, Stored::Merged);
+        let answers: Vec<Vec<(bool, i64, i64)>> = results
+            .into_iter()
+            .map(|r| {
+                r.expect("stored")
+                    .iter()
+                    .map(|o| (o.duplicate, o.message.id, o.message.seq_id))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            answers,
+            vec![
+                vec![(false, 10, 2), (false, 11, 3)],
+                vec![(true, 1, 1), (false, 13, 1)],
+                vec![(false, 14, 1)],
+            ]
+        );
+        assert_eq!(seqs(&store, "s_1_2").await, vec![1, 2, 3]);
+        assert_eq!(seqs(&store, "s_1_3").await, vec![1]);
+        let conv = store
+            .get_conversation("s_1_3")
+            .await
+            .expect("get")
+            .expect("created by the merged commit");
+        assert_eq!((conv.last_seq, conv.last_message_id), (1, Some(13)));
+        assert_eq!(store.read_pointer(1, "s_1_2").await.expect("pointer"), 3);
+        assert_eq!(store.read_pointer(1, "g_9").await.expect("pointer"), 1);
+
+        // One key in two batches: one by one, the second is a duplicate of the first.
+        let (how, results) = group_commit(
+            &store,
+            &[
+                vec![msg(20, "s_1_4", 1, Some("same"))],
+                vec![msg(21, "s_1_5", 1, Some("same"))],
+            ],
+            false,
+        )
+        .await;
+        assert_eq!(how, Stored::OneByOne, "the merged insert collided");
+        let first = results[0].as_ref().expect("stored");
+        let second = results[1].as_ref().expect("answered");
+        assert!(!first[0].duplicate);
+        assert!(second[0].duplicate && second[0].message.id == 20);
+        assert_eq!(seqs(&store, "s_1_5").await, Vec::<i64>::new());
+    }
+
     /// Three batches in one group commit: the one with a seq conflict rolls back alone (its
     /// savepoint), the others commit, and a duplicate inside a batch leaves no hole.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,26 +638,8 @@ mod tests {
             vec![msg(20, "s_1_3", 1, None), msg(21, "s_1_2", 1, None)],
             vec![msg(30, "s_1_4", 1, Some("a")), msg(31, "s_1_4", 2, None)],
         ];
-        let mut answers = Vec::new();
-        let mut queued = Vec::new();
-        for b in &batches {
-            let (tx, rx) = oneshot::channel();
-            queued.push((Prepared::new(b, 1_700_000_000_000).expect("valid"), tx));
-            answers.push(rx);
-        }
-        let mut conn = store.inner.writer.lock().await;
-        conn.spawn_blocking(move |c| {
-            commit_group(c, queued);
-            Ok(())
-        })
-        .await
-        .expect("the group commit ran");
-        drop(conn);
-
-        let mut results = Vec::new();
-        for rx in answers {
-            results.push(rx.await.expect("an answer for every batch"));
-        }
+        let (how, results) = group_commit(&store, &batches, false).await;
+        assert_eq!(how, Stored::OneByOne, "the merged attempt met the conflict");
         let first = results[0].as_ref().expect("the first batch commits");
         assert!(first.iter().all(|o| !o.duplicate));
         assert!(
