@@ -208,18 +208,18 @@ mod sync_save {
             .cloned()
             .collect();
         create_conversations(c, &new_conversations)?;
-        let ids: Vec<i64> = batches.iter().flat_map(|p| p.ids.iter().copied()).collect();
-        let keys: Vec<String> = batches
+        let mut ids: Vec<i64> = batches.iter().flat_map(|p| p.ids.iter().copied()).collect();
+        // Keys are looked up as (sender, key) pairs: `sender IN (..) AND key IN (..)` over the
+        // whole group would probe the index once per sender for every key.
+        let pairs: Vec<(i64, &str)> = batches
             .iter()
-            .flat_map(|p| p.keys.iter().cloned())
+            .flat_map(|p| p.batch.iter())
+            .filter_map(|m| m.client_msg_id.as_deref().map(|k| (m.sender_id, k)))
             .collect();
-        let senders: Vec<i64> = batches
-            .iter()
-            .flat_map(|p| p.senders.iter().copied())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let stored = find_stored(c, &ids, &senders, &keys)?;
+        ids.extend(ids_by_keys(c, &pairs)?);
+        ids.sort_unstable();
+        ids.dedup();
+        let stored = find_stored(c, &ids, &[], &[])?;
         let mut answers = Vec::with_capacity(batches.len());
         let mut rows: Vec<Message> = Vec::new();
         let mut read: HashMap<(i64, String), i64> = HashMap::new();
@@ -282,6 +282,32 @@ mod sync_save {
             );
         }
         Ok(stored)
+    }
+
+    /// A message id, read by name from a raw query.
+    #[derive(QueryableByName)]
+    struct IdRow {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        id: i64,
+    }
+
+    /// Ids of stored messages with one of the (sender, key) `pairs`: one statement per 500
+    /// pairs, each pair one index probe (the pairs travel as one JSON parameter).
+    fn ids_by_keys(c: &mut SqliteConnection, pairs: &[(i64, &str)]) -> Result<Vec<i64>, TxError> {
+        let mut ids = Vec::new();
+        for chunk in pairs.chunks(INSERT_CHUNK) {
+            let json = serde_json::to_string(chunk)
+                .map_err(|e| TxError::Store(crate::store::StoreError::Database(e.to_string())))?;
+            let rows: Vec<IdRow> = diesel::sql_query(
+                "SELECT id FROM messages WHERE (sender_id, client_msg_id) IN \
+                 (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') \
+                 FROM json_each(?))",
+            )
+            .bind::<diesel::sql_types::Text, _>(json)
+            .load(c)?;
+            ids.extend(rows.into_iter().map(|r| r.id));
+        }
+        Ok(ids)
     }
 
     fn insert_rows(c: &mut SqliteConnection, rows: &[Message]) -> Result<(), TxError> {
