@@ -544,6 +544,17 @@ mod tests {
         rows.iter().map(|m| m.seq_id).collect()
     }
 
+    /// A store in a fresh temp dir (kept alive by the returned guard) holding `first`.
+    async fn store_with(first: Message) -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("gochat.db");
+        let store = SqliteStore::open(path.to_str().expect("utf-8 path"), 2)
+            .await
+            .expect("open");
+        store.save_messages(&[first]).await.expect("first message");
+        (dir, store)
+    }
+
     /// Runs `batches` as one group commit and returns each batch's answer.
     async fn group_commit(
         store: &SqliteStore,
@@ -577,15 +588,7 @@ mod tests {
     /// (one key in two of them) fall back to one by one, where the later one is a duplicate.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn merged_group_commits_answer_like_single_batches() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("gochat.db");
-        let store = SqliteStore::open(path.to_str().expect("utf-8 path"), 2)
-            .await
-            .expect("open");
-        store
-            .save_messages(&[msg(1, "s_1_2", 1, Some("k1"))])
-            .await
-            .expect("first message");
+        let (_dir, store) = store_with(msg(1, "s_1_2", 1, Some("k1"))).await;
         let mut retry = msg(12, "s_1_3", 1, Some("k1"));
         retry.sender_id = 1;
         let (how, results) = group_commit(
@@ -649,15 +652,7 @@ mod tests {
     /// savepoint), the others commit, and a duplicate inside a batch leaves no hole.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_batch_of_a_group_commit_rolls_back_alone() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("gochat.db");
-        let store = SqliteStore::open(path.to_str().expect("utf-8 path"), 2)
-            .await
-            .expect("open");
-        store
-            .save_messages(&[msg(1, "s_1_2", 1, Some("a"))])
-            .await
-            .expect("first message");
+        let (_dir, store) = store_with(msg(1, "s_1_2", 1, Some("a"))).await;
 
         let batches = [
             vec![msg(10, "s_1_2", 2, Some("b")), msg(11, "s_1_2", 3, None)],
