@@ -6,10 +6,12 @@
 //! - a **duplicate** is a `new-message` whose seq this stream already has (or one from before
 //!   the run);
 //! - a **reordering** is a `new-message` whose seq is below one already delivered;
-//! - a **gap** is a seq in `base+1..=last` this stream never got although it got a later one
-//!   (a hole), counted after the run;
-//! - the **tail** is what the stream never got above the highest seq it did get: nothing, once
-//!   the run drained; after a run stopped by its time limit, the deliveries still on their way.
+//! - a **gap** is a seq in `base+1..=last` this stream never got although a later one arrived
+//!   as a `new-message` (a hole), counted after the run;
+//! - the **tail** is what the stream never got above the highest `new-message` seq it got:
+//!   nothing, once the run drained; after a run stopped by its time limit, the deliveries still
+//!   on their way (which can lie below the recipient's own latest ack: a batch's acks go out
+//!   before its deliveries).
 
 use serde::{Deserialize, Serialize};
 
@@ -53,8 +55,6 @@ pub struct SeqStream {
     seen: Vec<u64>,
     /// Highest seq delivered as a `new-message`.
     max_delivered: u64,
-    /// Highest seq seen at all (delivered or acked as this recipient's own).
-    max_seen: u64,
     tally: SeqTally,
 }
 
@@ -68,7 +68,6 @@ impl SeqStream {
             base,
             seen: Vec::new(),
             max_delivered: base,
-            max_seen: base,
             tally: SeqTally::default(),
         }
     }
@@ -99,38 +98,65 @@ impl SeqStream {
             self.tally.reordered += 1;
         }
         self.max_delivered = self.max_delivered.max(seq);
-        self.max_seen = self.max_seen.max(seq);
     }
 
     /// This recipient's own message was stored with `seq` (its ack).
     pub fn own(&mut self, seq: u64) {
         self.mark(seq);
-        self.max_seen = self.max_seen.max(seq);
     }
 
-    /// The tally, with the gaps up to `last` (the conversation's last seq after the run).
-    pub fn finish(&self, last: u64) -> SeqTally {
-        let mut t = self.tally;
-        let expected = last.saturating_sub(self.base).min(MAX_TRACKED);
-        let full_words = (expected / 64) as usize;
+    /// The first `limit` holes: seqs after `base` and below the highest `new-message` seq
+    /// that this stream never got (what [`SeqTally::gaps`] counts), for a report to name.
+    pub fn holes(&self, limit: usize) -> Vec<u64> {
+        (self.base + 1..self.max_delivered.min(self.base + MAX_TRACKED))
+            .filter(|&s| !self.has(s))
+            .take(limit)
+            .collect()
+    }
+
+    /// The highest seq this stream got as a `new-message`.
+    pub fn max_delivered(&self) -> u64 {
+        self.max_delivered
+    }
+
+    fn has(&self, seq: u64) -> bool {
+        let off = seq - self.base - 1;
+        let (word, bit) = ((off / 64) as usize, off % 64);
+        self.seen.get(word).is_some_and(|w| w & (1 << bit) != 0)
+    }
+
+    /// Seqs in `base+1..=upto` this stream has.
+    fn count_upto(&self, upto: u64) -> u64 {
+        let n = upto.saturating_sub(self.base).min(MAX_TRACKED);
+        let full_words = (n / 64) as usize;
         let mut have: u64 = self
             .seen
             .iter()
             .take(full_words)
             .map(|w| u64::from(w.count_ones()))
             .sum();
-        let rest = expected % 64;
+        let rest = n % 64;
         if rest > 0
             && let Some(w) = self.seen.get(full_words)
         {
             have += u64::from((w & ((1u64 << rest) - 1)).count_ones());
         }
-        let missing = expected - have;
-        let tail = last
-            .saturating_sub(self.max_seen.max(self.base))
-            .min(missing);
-        t.tail = tail;
-        t.gaps = missing - tail;
+        have
+    }
+
+    /// The tally, with what is missing up to `last` (the conversation's last seq after the
+    /// run): holes below the highest `new-message` seq received are gaps (deliveries arrive in
+    /// seq order), the rest is the tail. The tail may hold seqs below this recipient's own
+    /// highest ack: logic acknowledges a batch's messages before it delivers them, so a sender
+    /// can see the ack of seq N just before the `new-message`s of lower seqs of the same batch.
+    pub fn finish(&self, last: u64) -> SeqTally {
+        let mut t = self.tally;
+        let expected = last.saturating_sub(self.base).min(MAX_TRACKED);
+        let missing = expected - self.count_upto(last);
+        let below = self.max_delivered.min(last);
+        let holes = below.saturating_sub(self.base).min(MAX_TRACKED) - self.count_upto(below);
+        t.gaps = holes;
+        t.tail = missing - holes;
         t
     }
 }
@@ -164,6 +190,8 @@ mod tests {
         assert_eq!(t.duplicates, 1);
         // Missing: 4..=69 (66 holes) and 71, 72 (the tail, above the highest received).
         assert_eq!((t.gaps, t.tail), (66, 2));
+        assert_eq!(s.holes(3), vec![4, 5, 6]);
+        assert_eq!(s.holes(100).len(), 66);
         assert!(!t.clean());
         // A seq from before the run is a duplicate.
         let mut old = SeqStream::new(5);
@@ -179,6 +207,10 @@ mod tests {
         s.delivered(3);
         let t = s.finish(6);
         assert_eq!((t.gaps, t.tail), (0, 3));
+        // The own ack of 7 came before the new-messages 5 and 6 of its batch: still tail.
+        s.own(7);
+        let t = s.finish(7);
+        assert_eq!((t.gaps, t.tail), (0, 3), "4, 5 and 6 are on their way");
         assert!(!t.clean(), "missing deliveries are never clean");
         let nothing = SeqStream::new(4).finish(6);
         assert_eq!((nothing.gaps, nothing.tail), (0, 2));

@@ -293,6 +293,7 @@ fn tally(map: &Mutex<BTreeMap<String, u64>>, key: String) {
 /// What one connection task ends with.
 #[derive(Debug)]
 struct UserEnd {
+    position: usize,
     conversation: usize,
     stream: SeqStream,
     own_max: u64,
@@ -420,9 +421,24 @@ pub async fn run(
     for e in &ends {
         last[e.conversation] = last[e.conversation].max(e.own_max);
     }
+    let mut named = 0;
     for e in &ends {
         let conv_last = last[e.conversation].max(layout.conversations[e.conversation].base);
-        result.seq.add(&e.stream.finish(conv_last));
+        let t = e.stream.finish(conv_last);
+        if t.gaps > 0 && named < 5 {
+            // A hole is a failure worth chasing: name the first few on stderr.
+            named += 1;
+            eprintln!(
+                "seq gap: user {} in {}: missing {:?} below {} (highest new-message; own highest {}, conversation's {})",
+                e.position,
+                layout.conversations[e.conversation].id,
+                e.stream.holes(5),
+                e.stream.max_delivered(),
+                e.own_max,
+                conv_last
+            );
+        }
+        result.seq.add(&t);
     }
 
     let s = counters.snapshot();
@@ -547,6 +563,7 @@ async fn user_task(
     }
     dec(&shared.counters.connected);
     UserEnd {
+        position: me.position,
         conversation: me.conversation,
         stream,
         own_max,
