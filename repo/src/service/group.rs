@@ -68,11 +68,10 @@ impl<S: Store, C: Cache> Repo<S, C> {
 
     /// Every member id of `group`, through `group_members:{group}` (ascending).
     pub(crate) async fn member_ids(&self, group: i64) -> Result<Vec<i64>, AppError> {
-        if let Some(mut ids) = cache_read(self.cache().members_get(group).await, "group_members") {
-            ids.sort_unstable();
-            return Ok(ids);
-        }
-        let mut ids = self.load_member_ids(group).await?;
+        let mut ids = match cache_read(self.cache().members_get(group).await, "group_members") {
+            Some(ids) => ids,
+            None => self.load_member_ids(group).await?,
+        };
         ids.sort_unstable();
         Ok(ids)
     }

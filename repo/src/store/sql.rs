@@ -307,8 +307,8 @@ impl Prepared {
                 .push(m.seq_id);
         }
         for v in seqs.values_mut() {
-            v.sort_unstable();
-            v.reverse();
+            // Descending, so `pop` hands out the lowest first.
+            v.sort_unstable_by_key(|s| std::cmp::Reverse(*s));
         }
         let mut renumbered: HashMap<i64, i64> = HashMap::new();
         for m in &mut fresh {
