@@ -27,12 +27,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use gochat_gateway::{AdminSource, BusyConversation};
 use gochat_infra::config::{BusBackend, Config, DiscoveryBackend};
 use gochat_infra::discovery::{Discovery, EtcdClient, Registration};
 use gochat_infra::mq::Bus;
 use gochat_infra::mq::kafka::{KafkaBus, KafkaConfig};
-use gochat_infra::telemetry;
-use gochat_infra::wire::{TASK_TOPIC, UPSTREAM_TOPIC};
+use gochat_infra::telemetry::{self, PrometheusHandle};
+use gochat_infra::wire::{TASK_TOPIC, UPSTREAM_TOPIC, downstream_topic};
 use gochat_logic::Logic;
 use gochat_logic::client::LogicClient;
 use gochat_repo::client::RepoClient;
@@ -159,17 +160,164 @@ async fn release(hold: Option<Registration>, what: &str) {
     }
 }
 
-/// Installs the process's metrics recorder and, when `listen` is set, serves `/metrics` and
-/// `/healthz` there (behind the admin token when one is configured).
-fn ops(config: &Config, listen: &str) -> anyhow::Result<()> {
-    let handle = telemetry::install();
-    if listen.trim().is_empty() {
-        return Ok(());
+/// The operator side of one distributed process: its metrics recorder and, when a metrics
+/// listener is configured, that listener (bound at start, so a taken port fails fast).
+struct Ops {
+    handle: PrometheusHandle,
+    listener: Option<std::net::TcpListener>,
+    token: String,
+}
+
+impl Ops {
+    /// Installs the process's metrics recorder and binds `listen` when it is set.
+    fn bind(config: &Config, listen: &str) -> anyhow::Result<Self> {
+        let handle = telemetry::install();
+        let listener = if listen.trim().is_empty() {
+            None
+        } else {
+            Some(
+                std::net::TcpListener::bind(listen.trim())
+                    .with_context(|| format!("cannot listen on {listen} (metrics)"))?,
+            )
+        };
+        Ok(Self {
+            handle,
+            listener,
+            token: config.admin.token.clone(),
+        })
     }
-    let listener = std::net::TcpListener::bind(listen.trim())
-        .with_context(|| format!("cannot listen on {listen} (metrics)"))?;
-    gochat_gateway::spawn_ops_server(listener, handle, config.admin.token.clone())
-        .with_context(|| format!("serving metrics on {listen}"))
+
+    /// Serves `/metrics` and `/healthz` on the listener (and `/admin`, `/admin/actors` from
+    /// `source`, when there is one and an admin token is set), and keeps the recorder's
+    /// histograms folded every second whether or not anyone scrapes.
+    fn serve(self, source: Option<Arc<ProcessAdmin>>) -> anyhow::Result<()> {
+        tokio::spawn(upkeep(self.handle.clone(), source.clone()));
+        let Some(listener) = self.listener else {
+            return Ok(());
+        };
+        let addr = listener.local_addr().ok();
+        let source = source.map(|s| s as Arc<dyn AdminSource>);
+        gochat_gateway::spawn_ops_server(listener, self.handle, self.token, source)
+            .with_context(|| format!("serving metrics on {addr:?}"))
+    }
+}
+
+/// How often the Kafka consumer lag of a process's group is read (a metadata, a committed
+/// offsets and a watermark request per partition, on a blocking thread).
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// Until the process ends: folds histogram samples into their buckets every second
+/// (`run_upkeep`) and, with an `admin`, reads the consumer lag of its group from Kafka every
+/// [`LAG_EVERY`] (on its own task, so a slow broker does not hold the upkeep back).
+async fn upkeep(handle: PrometheusHandle, admin: Option<Arc<ProcessAdmin>>) {
+    if let Some(admin) = admin {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LAG_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                admin.sample_lag().await;
+            }
+        });
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+/// What `/admin/actors` shows of one distributed process: its own actors (Conversation actors
+/// in logic, Fanout actors in task; a gateway's sessions come from the gateway itself) and the
+/// lag of the consumer group it reads in.
+pub struct ProcessAdmin {
+    process: &'static str,
+    logic: Option<Logic<RepoClient, KafkaBus>>,
+    task: Option<Arc<gochat_task::TaskStats>>,
+    bus: KafkaBus,
+    /// (group, topic) this process consumes in.
+    group: (String, String),
+    /// The last lag read; absent until the first read succeeds, or after a failed one.
+    lag: std::sync::Mutex<Option<u64>>,
+}
+
+impl std::fmt::Debug for ProcessAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessAdmin")
+            .field("process", &self.process)
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProcessAdmin {
+    fn new(process: &'static str, bus: KafkaBus, group: &str, topic: &str) -> Self {
+        Self {
+            process,
+            logic: None,
+            task: None,
+            bus,
+            group: (group.to_owned(), topic.to_owned()),
+            lag: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn last_lag(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
+        self.lag
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reads the group's lag from Kafka into the gauge and the admin view.
+    async fn sample_lag(&self) {
+        let (group, topic) = &self.group;
+        match self.bus.lag(group, topic).await {
+            Ok(lag) => {
+                metrics::gauge!(telemetry::BUS_LAG, "group" => group.clone(), "topic" => topic.clone())
+                    .set(lag as f64);
+                *self.last_lag() = Some(lag);
+            }
+            Err(e) => {
+                tracing::debug!(cause = %e, group, topic, "could not read the consumer lag");
+                *self.last_lag() = None;
+            }
+        }
+    }
+}
+
+impl AdminSource for ProcessAdmin {
+    fn process(&self) -> &'static str {
+        self.process
+    }
+
+    fn conversation_actors(&self) -> Option<u64> {
+        self.logic.as_ref().map(|l| l.conversation_actors() as u64)
+    }
+
+    fn fanout_actors(&self) -> Option<u64> {
+        self.task.as_ref().map(|t| t.fanout_actors())
+    }
+
+    fn busiest_conversations(&self, limit: usize) -> Vec<BusyConversation> {
+        self.logic.as_ref().map_or_else(Vec::new, |l| {
+            l.busiest(limit)
+                .into_iter()
+                .map(|c| BusyConversation {
+                    conversation_id: c.conversation_id,
+                    queued: c.queued,
+                    messages_per_sec: c.messages_per_sec,
+                })
+                .collect()
+        })
+    }
+
+    fn bus_lag(&self) -> BTreeMap<String, u64> {
+        let lag = *self.last_lag();
+        lag.map(|lag| (self.group.0.clone(), lag))
+            .into_iter()
+            .collect()
+    }
 }
 
 /// A name for this instance in discovery: its address and process id.
@@ -185,7 +333,7 @@ pub async fn run_repo(
     data_dir: &Path,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    ops(&config, &config.repo.metrics_listen)?;
+    Ops::bind(&config, &config.repo.metrics_listen)?.serve(None)?;
     let discovery = discovery(&config).await?;
     let ttl = lease_ttl(&config);
     let (node, node_hold) = node_id(&discovery, "repo-node", config.repo.node_id, ttl).await?;
@@ -217,7 +365,7 @@ pub async fn run_logic(
     jwt_secret: String,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    ops(&config, &config.logic.metrics_listen)?;
+    let ops = Ops::bind(&config, &config.logic.metrics_listen)?;
     let discovery = discovery(&config).await?;
     let ttl = lease_ttl(&config);
     let (node, node_hold) = node_id(&discovery, "logic-node", config.logic.node_id, ttl).await?;
@@ -235,8 +383,16 @@ pub async fn run_logic(
             .context("finding repo")?,
         config.rpc.policy(),
     );
-    let logic = Logic::new(repo, bus, crate::logic_settings(&config, jwt_secret))
-        .map_err(|e| anyhow::anyhow!("starting logic: {e}"))?;
+    let logic = Logic::new(
+        repo,
+        bus.clone(),
+        crate::logic_settings(&config, jwt_secret),
+    )
+    .map_err(|e| anyhow::anyhow!("starting logic: {e}"))?;
+    ops.serve(Some(Arc::new(ProcessAdmin {
+        logic: Some(logic.clone()),
+        ..ProcessAdmin::new("logic", bus, gochat_logic::upstream::GROUP, UPSTREAM_TOPIC)
+    })))?;
     let listener = tokio::net::TcpListener::bind(&config.logic.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.logic.listen))?;
@@ -332,8 +488,16 @@ pub async fn run_gateway(
         .await
         .context("registering in etcd")?;
     tracing::info!(gateway_id = %id, %addr, "gateway serving HTTP and WebSocket");
+    let admin = Arc::new(ProcessAdmin::new(
+        "gateway",
+        bus.clone(),
+        &gochat_gateway::consumer_group(&id),
+        &downstream_topic(&id),
+    ));
+    tokio::spawn(upkeep(metrics.clone(), Some(Arc::clone(&admin))));
     let served = gochat_gateway::Gateway::new(crate::gateway_settings(&config), logic, bus)
         .with_metrics(metrics)
+        .with_admin(admin)
         .run(listener, shutdown)
         .await;
     release(registration, "gateway").await;
@@ -356,7 +520,7 @@ impl LiveGateways for WatchedGateways {
 /// `gochat task`: fanout of big groups and the world room, from `im-task-topic`; repo through
 /// discovery; the world room goes to every live gateway. Runs inside an actix `System`.
 pub async fn run_task(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    ops(&config, &config.task.metrics_listen)?;
+    let ops = Ops::bind(&config, &config.task.metrics_listen)?;
     let discovery = discovery(&config).await?;
     let bus = kafka(&config, &format!("gochat-task-{}", std::process::id())).await?;
     let repo = RepoClient::new(
@@ -382,9 +546,13 @@ pub async fn run_task(config: Config, shutdown: impl Future<Output = ()>) -> any
             ..gochat_task::TaskSettings::default()
         },
         repo,
-        bus,
+        bus.clone(),
         gateways,
     );
+    ops.serve(Some(Arc::new(ProcessAdmin {
+        task: Some(service.stats()),
+        ..ProcessAdmin::new("task", bus, gochat_task::CONSUMER_GROUP, TASK_TOPIC)
+    })))?;
     tracing::info!("task consuming im-task-topic");
     service
         .run(async {

@@ -206,12 +206,16 @@ impl std::fmt::Debug for ServeAdmin {
 }
 
 impl AdminSource for ServeAdmin {
-    fn conversation_actors(&self) -> u64 {
-        self.logic.conversation_actors() as u64
+    fn process(&self) -> &'static str {
+        "serve"
     }
 
-    fn fanout_actors(&self) -> u64 {
-        self.task.fanout_actors()
+    fn conversation_actors(&self) -> Option<u64> {
+        Some(self.logic.conversation_actors() as u64)
+    }
+
+    fn fanout_actors(&self) -> Option<u64> {
+        Some(self.task.fanout_actors())
     }
 
     fn busiest_conversations(&self, limit: usize) -> Vec<BusyConversation> {

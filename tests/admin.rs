@@ -171,6 +171,7 @@ async fn metrics_and_admin_after_real_traffic() {
         "{content_type}"
     );
     let report: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(report["process"], "serve", "{report}");
     assert!(
         report["actors"]["session"].as_u64().expect("session") >= 2,
         "{report}"

@@ -21,6 +21,34 @@ use std::time::Duration;
 use common::{Server, WAIT, Ws, big_group, get, post, single, tag, user};
 use serde_json::{Value, json};
 
+/// The cluster's `[admin] token`.
+const ADMIN_TOKEN: &str = "cluster-admin-token-0123456789";
+
+/// `GET url` (an `/admin/actors`) with the admin token, repeated until its `bus_lag` holds a
+/// group whose name starts with `group` (each process reads its group's lag from Kafka every
+/// few seconds).
+async fn admin_with_lag(url: &str, group: &str) -> Value {
+    let (st, _) = get(url, None).await;
+    assert_eq!(st, 401, "{url} without the admin token");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (st, report) = get(url, Some(ADMIN_TOKEN)).await;
+        assert_eq!(st, 200, "{url}: {report}");
+        let lags = report["bus_lag"].as_object().expect("bus_lag");
+        if lags
+            .iter()
+            .any(|(name, lag)| name.starts_with(group) && lag.is_u64())
+        {
+            return report;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url}: no lag of {group}: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// A server variable the cluster needs.
 fn required(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -129,6 +157,9 @@ presence_ttl_secs = 6
 [auth]
 jwt_secret = "cluster-test-secret-0123456789abcdef"
 
+[admin]
+token = "{ADMIN_TOKEN}"
+
 [gateway]
 id = "auto"
 
@@ -223,12 +254,21 @@ filter = "info"
         let url = format!("http://{}/metrics", self.metrics_listen(name));
         let (st, _) = get(&url.replace("/metrics", "/healthz"), None).await;
         assert_eq!(st, 200, "{name} /healthz");
-        reqwest::get(&url)
+        let resp = reqwest::Client::new()
+            .get(&url)
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
             .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text")
+            .expect("metrics");
+        assert_eq!(resp.status(), 200, "{name} /metrics with the admin token");
+        resp.text().await.expect("metrics text")
+    }
+
+    /// `/admin/actors` of process `name` (on its metrics listener) once `bus_lag` holds
+    /// `group`.
+    async fn admin(&mut self, name: &str, group: &str) -> Value {
+        let url = format!("http://{}/admin/actors", self.metrics_listen(name));
+        admin_with_lag(&url, group).await
     }
 
     /// The port of `name`, the same across restarts.
@@ -552,6 +592,56 @@ async fn two_gateways_two_logic_chat_group_and_task_fanout() {
     );
     let task = cluster.metrics("task").await;
     assert!(task.contains("gochat_"), "{task}");
+
+    // Each process's admin view holds its own actors and its own group's lag.
+    let mut conversations = 0;
+    for name in ["logic-1", "logic-2"] {
+        let r = cluster.admin(name, "im-logic").await;
+        assert_eq!(r["process"], "logic", "{r}");
+        assert!(
+            r["actors"]["session"].is_null() && r["gateway"].is_null(),
+            "{r}"
+        );
+        assert!(r["actors"]["fanout"].is_null(), "{r}");
+        conversations += r["actors"]["conversation"].as_u64().expect("conversations");
+        let text = cluster.metrics(name).await;
+        assert!(
+            text.contains(
+                "gochat_bus_consumer_lag{group=\"im-logic\",topic=\"im-upstream-topic\"}"
+            ),
+            "{text}"
+        );
+    }
+    assert!(
+        conversations >= 4,
+        "single, trio, big group, world: {conversations}"
+    );
+    let r = cluster.admin("task", "im-task").await;
+    assert_eq!(r["process"], "task", "{r}");
+    assert!(
+        r["actors"]["fanout"].is_u64() && r["actors"]["conversation"].is_null(),
+        "{r}"
+    );
+    let gw1 = g1.root_url("/admin/actors");
+    let r = admin_with_lag(&gw1, "im-gateway-gw-").await;
+    assert_eq!(r["process"], "gateway", "{r}");
+    assert!(
+        r["actors"]["session"].as_u64().expect("sessions") >= 2,
+        "{r}"
+    );
+    assert!(r["actors"]["conversation"].is_null(), "{r}");
+    assert!(
+        r["gateway"]["messages_in"].as_u64().expect("messages in") >= 4,
+        "{r}"
+    );
+    let page = reqwest::get(format!(
+        "http://{}/admin?token={ADMIN_TOKEN}",
+        cluster.metrics_listen("logic-1")
+    ))
+    .await
+    .expect("admin page");
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.expect("page").contains("/admin/actors"));
 }
 
 /// `kill -9` one logic process in the middle of a stream of messages: every acked message is

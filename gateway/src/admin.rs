@@ -15,8 +15,10 @@
 //! `ErrorResponse`. Tokens are compared in constant time.
 //!
 //! What lives outside the gateway (Conversation and Fanout actors, bus lag) comes through the
-//! [`AdminSource`] trait, implemented by whoever wires the services together (`gochat serve`);
-//! sessions come from the gateway's own registry.
+//! [`AdminSource`] trait, implemented by whoever wires the services together (`gochat serve`,
+//! or each process of the distributed mode for its own part); sessions come from the gateway's
+//! own registry. A process without a gateway listener (`gochat logic|task`) serves the same
+//! routes on its ops listener ([`spawn_ops_server`]); there the session fields are `null`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -40,16 +42,27 @@ const DEFAULT_LIMIT: usize = 10;
 /// Most rows `?limit=` may ask for.
 const MAX_LIMIT: usize = 100;
 
-/// What the admin endpoints need from the services beyond the gateway.
+/// What the admin endpoints need from the services beyond the gateway. A kind of actor that
+/// does not live in this process answers `None` (the default), shown as `null`.
 pub trait AdminSource: Send + Sync + 'static {
+    /// What this process runs: `serve`, `gateway`, `logic` or `task`.
+    fn process(&self) -> &'static str;
     /// Live Conversation actors (logic).
-    fn conversation_actors(&self) -> u64;
+    fn conversation_actors(&self) -> Option<u64> {
+        None
+    }
     /// Live Fanout actors (task).
-    fn fanout_actors(&self) -> u64;
+    fn fanout_actors(&self) -> Option<u64> {
+        None
+    }
     /// At most `limit` conversations with work, busiest first.
-    fn busiest_conversations(&self, limit: usize) -> Vec<BusyConversation>;
-    /// Records not yet committed, by consumer group.
-    fn bus_lag(&self) -> BTreeMap<String, u64>;
+    fn busiest_conversations(&self, _limit: usize) -> Vec<BusyConversation> {
+        Vec::new()
+    }
+    /// Records not yet committed, by consumer group, of the groups this process consumes in.
+    fn bus_lag(&self) -> BTreeMap<String, u64> {
+        BTreeMap::new()
+    }
 }
 
 /// One row of `busiest_conversations`.
@@ -72,11 +85,12 @@ struct SlowSession {
     queued: u64,
 }
 
+/// Live actors by kind; `None` (`null`): that kind does not live in this process.
 #[derive(Debug, Serialize)]
 struct ActorCounts {
-    session: u64,
-    conversation: u64,
-    fanout: u64,
+    session: Option<u64>,
+    conversation: Option<u64>,
+    fanout: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -90,11 +104,13 @@ struct GatewayCounters {
 /// The body of `GET /admin/actors`.
 #[derive(Debug, Serialize)]
 struct ActorsReport {
+    process: &'static str,
     actors: ActorCounts,
     busiest_conversations: Vec<BusyConversation>,
     slow_sessions: Vec<SlowSession>,
     bus_lag: BTreeMap<String, u64>,
-    gateway: GatewayCounters,
+    /// `None` in a process without a gateway listener.
+    gateway: Option<GatewayCounters>,
     uptime_secs: u64,
 }
 
@@ -107,7 +123,7 @@ pub(crate) struct AdminState {
     pub source: Option<Arc<dyn AdminSource>>,
     /// Renders `/metrics`.
     pub metrics: Option<PrometheusHandle>,
-    /// When the gateway started serving.
+    /// When the process started serving.
     pub started: Instant,
 }
 
@@ -201,17 +217,19 @@ pub(crate) async fn metrics(
 
 /// The operator endpoints of a process without a gateway listener (`gochat repo|logic|task`):
 /// `GET /metrics` (the process's Prometheus text, behind `token` when it is set, as on a
-/// gateway) and `GET /healthz`, on `listener`, with one worker. The server runs on its own
-/// thread (with its own actix System), so it works whatever runtime the service uses; it ends
-/// with the process.
+/// gateway) and `GET /healthz`, on `listener`, with one worker; with a `source` (logic, task)
+/// also `GET /admin/actors` and `GET /admin`, as on a gateway but without sessions. The server
+/// runs on its own thread (with its own actix System), so it works whatever runtime the
+/// service uses; it ends with the process.
 pub fn spawn_ops_server(
     listener: std::net::TcpListener,
     handle: PrometheusHandle,
     token: String,
+    source: Option<Arc<dyn AdminSource>>,
 ) -> std::io::Result<()> {
     let state = AdminState {
         token,
-        source: None,
+        source,
         metrics: Some(handle),
         started: Instant::now(),
     };
@@ -226,6 +244,8 @@ pub fn spawn_ops_server(
                         .app_data(web::Data::new(state.clone()))
                         .route("/metrics", web::get().to(metrics))
                         .route("/healthz", web::get().to(crate::api::healthz))
+                        .route("/admin", web::get().to(page))
+                        .route("/admin/actors", web::get().to(actors))
                 })
                 .workers(1)
                 .disable_signals()
@@ -255,32 +275,39 @@ pub(crate) struct LimitQuery {
     limit: Option<usize>,
 }
 
-/// `GET /admin/actors`.
+/// `GET /admin/actors`; `shared` is absent on the ops server of a process without a gateway.
 pub(crate) async fn actors(
     req: HttpRequest,
     st: web::Data<AdminState>,
-    shared: web::Data<Shared>,
+    shared: Option<web::Data<Shared>>,
     query: web::Query<LimitQuery>,
     trace: TraceId,
 ) -> Result<HttpResponse, ApiError> {
     let source = admin_source(&st, &req, false, &trace)?;
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
-    let stats = shared.stats.snapshot();
-    let report = ActorsReport {
-        actors: ActorCounts {
-            session: shared.registry.len() as u64,
-            conversation: source.conversation_actors(),
-            fanout: source.fanout_actors(),
-        },
-        busiest_conversations: source.busiest_conversations(limit),
-        slow_sessions: slow_sessions(&shared, limit),
-        bus_lag: source.bus_lag(),
-        gateway: GatewayCounters {
+    let gateway = shared.as_ref().map(|shared| {
+        let stats = shared.stats.snapshot();
+        GatewayCounters {
             connections_total: stats.connections_total,
             frames_in: stats.frames_in,
             frames_out: stats.frames_out,
             messages_in: stats.upstream_published,
+        }
+    });
+    let report = ActorsReport {
+        process: source.process(),
+        actors: ActorCounts {
+            session: shared.as_ref().map(|s| s.registry.len() as u64),
+            conversation: source.conversation_actors(),
+            fanout: source.fanout_actors(),
         },
+        busiest_conversations: source.busiest_conversations(limit),
+        slow_sessions: shared
+            .as_ref()
+            .map(|s| slow_sessions(s, limit))
+            .unwrap_or_default(),
+        bus_lag: source.bus_lag(),
+        gateway,
         uptime_secs: st.started.elapsed().as_secs(),
     };
     Ok(HttpResponse::Ok()

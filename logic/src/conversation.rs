@@ -516,35 +516,54 @@ async fn process<R: RepoApi, B: Bus>(
         counter!(t::LOGIC_MESSAGES_DUPLICATE).increment(duplicates as u64);
     }
 
-    // 4. Acks (only after storage), then delivery of what is new.
-    let mut deliveries = Vec::with_capacity(stored.len());
-    for (p, m) in fresh.iter().zip(&stored) {
-        core.ack(p, &m.id, m.seq_id, conv).await;
-        if m.duplicate {
-            continue;
+    // 4. Only after storage: in seq order, each new message goes to its recipients and then
+    //    its sender gets the ack. Downstream records are keyed by conversation, so a session
+    //    sees one conversation's seqs strictly increasing across `new-message` and
+    //    `message-ack` frames (an ack of N never precedes the new-message of N-1 from the same
+    //    batch). Through the task service (big groups) the deliveries take another path and
+    //    may come after the ack.
+    let mut route = if new > 0 {
+        match core.route(kind, member_count, conv).await {
+            Ok(route) => Some(route),
+            Err(e) => {
+                // Stored and acknowledged: recipients will find the messages by seq when they
+                // pull.
+                tracing::error!(cause = %e, conv, "delivery failed after storage");
+                None
+            }
         }
-        deliveries.push(DownstreamMessage {
-            trace_id: p.up.trace_id.clone(),
-            message_id: m.id.clone(),
-            conversation_id: conv.to_owned(),
-            sender_id: p.sender.clone(),
-            message_type: m.message_type,
-            content: m.content.clone(),
-            seq_id: m.seq_id,
-            timestamp: m.created_at,
-            exclude_session: p.session.clone(),
-            kind: DownstreamKind::NewMessage,
-            ..Default::default()
-        });
+    } else {
+        None
+    };
+    for (p, m) in fresh.iter().zip(&stored) {
+        if !m.duplicate
+            && let Some(r) = &route
+        {
+            let record = DownstreamMessage {
+                trace_id: p.up.trace_id.clone(),
+                message_id: m.id.clone(),
+                conversation_id: conv.to_owned(),
+                sender_id: p.sender.clone(),
+                message_type: m.message_type,
+                content: m.content.clone(),
+                seq_id: m.seq_id,
+                timestamp: m.created_at,
+                exclude_session: p.session.clone(),
+                kind: DownstreamKind::NewMessage,
+                ..Default::default()
+            };
+            if let Err(e) = core.deliver(r, record).await {
+                // The rest of the batch is not delivered either: the bus is failing.
+                tracing::error!(cause = %e, conv, "delivery failed after storage");
+                route = None;
+            }
+        }
+        core.ack(p, &m.id, m.seq_id, conv).await;
     }
     for (p, i) in &repeats {
         if let Some(m) = stored.get(*i) {
             core.ack(p, &m.id, m.seq_id, conv).await;
         }
-    }
-    if let Err(e) = core.deliver(kind, member_count, &deliveries).await {
-        // Stored and acknowledged: recipients will find the messages by seq when they pull.
-        tracing::error!(cause = %e, conv, "delivery failed after storage");
     }
     (seqs, members)
 }

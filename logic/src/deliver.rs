@@ -22,6 +22,15 @@ use tonic::Request;
 
 use crate::{Core, RepoApi, repo_err};
 
+/// Where a batch's new messages go.
+#[derive(Debug)]
+pub(crate) enum Route {
+    /// A fanout task per message (big groups, the world room).
+    Task(ConversationKind),
+    /// Gateway -> its online members.
+    Gateways(HashMap<String, Vec<String>>),
+}
+
 /// Whether a conversation's messages go through the task service (spec `ShouldDistributeAsync`,
 /// extended to the world room, whose members are every online user).
 pub fn should_distribute_async(kind: ConversationKind, member_count: i64, threshold: i64) -> bool {
@@ -171,35 +180,46 @@ impl<R: RepoApi, B: Bus> Core<R, B> {
         }
     }
 
-    /// Delivers stored messages of one conversation (in seq order) to its members, directly or
-    /// through the task service.
-    pub(crate) async fn deliver(
+    /// Where the new messages of one conversation go: decided once per batch (the members and
+    /// where they are online are looked up once).
+    pub(crate) async fn route(
         &self,
         kind: ConversationKind,
         member_count: i64,
-        messages: &[DownstreamMessage],
-    ) -> Result<(), AppError> {
-        let Some(first) = messages.first() else {
-            return Ok(());
-        };
+        conv: &str,
+    ) -> Result<Route, AppError> {
         if should_distribute_async(kind, member_count, self.settings.async_fanout_threshold) {
-            for m in messages {
-                self.submit_fanout(kind, m).await?;
-            }
-            return Ok(());
+            return Ok(Route::Task(kind));
         }
-        let members = self.members(&first.conversation_id).await?;
-        let located = self.locate(members).await?;
-        for m in messages {
-            for (gateway, users) in &located {
-                let record = DownstreamMessage {
-                    targets: users.clone(),
-                    ..m.clone()
-                };
-                self.publish(gateway, &record).await?;
+        let members = self.members(conv).await?;
+        Ok(Route::Gateways(self.locate(members).await?))
+    }
+
+    /// Delivers one stored message along `route`: one record per gateway with that gateway's
+    /// online members in `targets`, or a fanout task.
+    pub(crate) async fn deliver(
+        &self,
+        route: &Route,
+        m: DownstreamMessage,
+    ) -> Result<(), AppError> {
+        match route {
+            Route::Task(kind) => self.submit_fanout(*kind, &m).await,
+            Route::Gateways(located) => {
+                let mut m = Some(m);
+                let last = located.len().saturating_sub(1);
+                for (i, (gateway, users)) in located.iter().enumerate() {
+                    // The last gateway takes the message itself; the others a copy.
+                    let base = if i == last { m.take() } else { m.clone() };
+                    let Some(base) = base else { break };
+                    let record = DownstreamMessage {
+                        targets: users.clone(),
+                        ..base
+                    };
+                    self.publish(gateway, &record).await?;
+                }
+                Ok(())
             }
         }
-        Ok(())
     }
 
     async fn submit_fanout(

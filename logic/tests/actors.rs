@@ -189,6 +189,23 @@ async fn single_chat_acks_in_seq_order_delivers_and_dedups() {
         (1..=20).collect::<Vec<_>>(),
         "acks carry seq 1..=20 in order"
     );
+    // Each message goes to its recipients before its sender's ack, in seq order (the records
+    // share one partition): a gateway never sees an ack of N before the new-message of N-1.
+    let order: Vec<(i64, bool)> = records
+        .iter()
+        .filter(|m| {
+            matches!(
+                m.kind,
+                DownstreamKind::NewMessage | DownstreamKind::MessageAck
+            )
+        })
+        .map(|m| (m.seq_id, m.kind == DownstreamKind::MessageAck))
+        .collect();
+    assert_eq!(order.len(), 40, "{order:?}");
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "new-message N, ack N, new-message N+1, ...: {order:?}"
+    );
     assert!(acks.iter().all(|m| m.target_session == "sess-a"));
     // The resend of m3 gets the original ack again.
     send(&w, &a, &conv, "m3", "hello 3", "sess-a").await;
