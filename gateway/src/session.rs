@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use actix::{Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message, StreamHandler};
 use actix_web::web::Bytes;
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError};
+use bytestring::ByteString;
 use gochat_infra::ErrorCode;
 use gochat_infra::mq::Producer;
 use gochat_infra::time::now_ms;
@@ -56,8 +57,8 @@ pub(crate) const HEADER_TRACE: &str = "trace_id";
 pub(crate) struct Delivery {
     /// The envelope's type (a `frames` constant), for metrics.
     pub kind: &'static str,
-    /// The whole envelope.
-    pub text: Arc<str>,
+    /// The whole envelope (shared, not copied, by the sessions it goes to).
+    pub text: ByteString,
     /// For `new-message`: (conversation, seq), for duplicate suppression.
     pub seq: Option<(Arc<str>, i64)>,
 }
@@ -82,7 +83,7 @@ pub(crate) struct PublishFailed {
 #[derive(Debug)]
 pub(crate) enum Outbound {
     /// An envelope and its type.
-    Text(Arc<str>, &'static str),
+    Text(ByteString, &'static str),
     /// A WebSocket-level pong.
     Pong(Bytes),
 }
@@ -616,7 +617,7 @@ async fn write(
 ) -> Result<(), actix_ws::Closed> {
     let kind = match out {
         Outbound::Text(text, kind) => {
-            ws.text(String::from(&*text)).await?;
+            ws.text(text).await?;
             kind
         }
         Outbound::Pong(payload) => {
