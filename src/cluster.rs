@@ -300,16 +300,9 @@ impl AdminSource for ProcessAdmin {
     }
 
     fn busiest_conversations(&self, limit: usize) -> Vec<BusyConversation> {
-        self.logic.as_ref().map_or_else(Vec::new, |l| {
-            l.busiest(limit)
-                .into_iter()
-                .map(|c| BusyConversation {
-                    conversation_id: c.conversation_id,
-                    queued: c.queued,
-                    messages_per_sec: c.messages_per_sec,
-                })
-                .collect()
-        })
+        self.logic
+            .as_ref()
+            .map_or_else(Vec::new, |l| crate::busy_rows(l.busiest(limit)))
     }
 
     fn bus_lag(&self) -> BTreeMap<String, u64> {

@@ -186,6 +186,20 @@ impl BusLag {
     }
 }
 
+/// The `busiest_conversations` rows of `/admin/actors` from logic's view of its actors.
+pub(crate) fn busy_rows(
+    loads: Vec<gochat_logic::conversation::ConversationLoad>,
+) -> Vec<BusyConversation> {
+    loads
+        .into_iter()
+        .map(|c| BusyConversation {
+            conversation_id: c.conversation_id,
+            queued: c.queued,
+            messages_per_sec: c.messages_per_sec,
+        })
+        .collect()
+}
+
 /// What `/admin/actors` reads from the services of one `serve` process: logic's Conversation
 /// actors, the task service's Fanout actors and the bus.
 pub struct ServeAdmin {
@@ -219,15 +233,7 @@ impl AdminSource for ServeAdmin {
     }
 
     fn busiest_conversations(&self, limit: usize) -> Vec<BusyConversation> {
-        self.logic
-            .busiest(limit)
-            .into_iter()
-            .map(|c| BusyConversation {
-                conversation_id: c.conversation_id,
-                queued: c.queued,
-                messages_per_sec: c.messages_per_sec,
-            })
-            .collect()
+        busy_rows(self.logic.busiest(limit))
     }
 
     fn bus_lag(&self) -> BTreeMap<String, u64> {
