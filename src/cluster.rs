@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use gochat_gateway::{AdminSource, BusyConversation};
+use gochat_gateway::{AdminSlot, AdminSource, BusyConversation};
 use gochat_infra::config::{BusBackend, Config, DiscoveryBackend};
 use gochat_infra::discovery::{Discovery, EtcdClient, Registration};
 use gochat_infra::mq::Bus;
@@ -160,45 +160,36 @@ async fn release(hold: Option<Registration>, what: &str) {
     }
 }
 
-/// The operator side of one distributed process: its metrics recorder and, when a metrics
-/// listener is configured, that listener (bound at start, so a taken port fails fast).
+/// The operator side of one distributed process: its metrics recorder, folded every second,
+/// and, when a metrics listener is configured, `/metrics` and `/healthz` there from the start
+/// (a taken port fails the start) with `/admin` once the service is up ([`Ops::attach`]).
 struct Ops {
-    handle: PrometheusHandle,
-    listener: Option<std::net::TcpListener>,
-    token: String,
+    slot: Option<AdminSlot>,
 }
 
 impl Ops {
-    /// Installs the process's metrics recorder and binds `listen` when it is set.
+    /// Installs the process's metrics recorder, starts folding it, and serves `listen` when it
+    /// is set.
     fn bind(config: &Config, listen: &str) -> anyhow::Result<Self> {
         let handle = telemetry::install();
-        let listener = if listen.trim().is_empty() {
-            None
-        } else {
-            Some(
-                std::net::TcpListener::bind(listen.trim())
-                    .with_context(|| format!("cannot listen on {listen} (metrics)"))?,
-            )
-        };
-        Ok(Self {
-            handle,
-            listener,
-            token: config.admin.token.clone(),
-        })
+        tokio::spawn(upkeep(handle.clone()));
+        if listen.trim().is_empty() {
+            return Ok(Self { slot: None });
+        }
+        let listener = std::net::TcpListener::bind(listen.trim())
+            .with_context(|| format!("cannot listen on {listen} (metrics)"))?;
+        let slot = gochat_gateway::spawn_ops_server(listener, handle, config.admin.token.clone())
+            .with_context(|| format!("serving metrics on {listen}"))?;
+        Ok(Self { slot: Some(slot) })
     }
 
-    /// Serves `/metrics` and `/healthz` on the listener (and `/admin`, `/admin/actors` from
-    /// `source`, when there is one and an admin token is set), and keeps the recorder's
-    /// histograms folded every second whether or not anyone scrapes.
-    fn serve(self, source: Option<Arc<ProcessAdmin>>) -> anyhow::Result<()> {
-        tokio::spawn(upkeep(self.handle.clone(), source.clone()));
-        let Some(listener) = self.listener else {
-            return Ok(());
-        };
-        let addr = listener.local_addr().ok();
-        let source = source.map(|s| s as Arc<dyn AdminSource>);
-        gochat_gateway::spawn_ops_server(listener, self.handle, self.token, source)
-            .with_context(|| format!("serving metrics on {addr:?}"))
+    /// The service is up: reads its consumer lag from now on, and `/admin` shows `admin`.
+    fn attach(&self, admin: ProcessAdmin) {
+        let admin = Arc::new(admin);
+        tokio::spawn(sample_lag(Arc::clone(&admin)));
+        if let Some(slot) = &self.slot {
+            let _ = slot.set(admin);
+        }
     }
 }
 
@@ -207,24 +198,24 @@ impl Ops {
 const LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// Until the process ends: folds histogram samples into their buckets every second
-/// (`run_upkeep`) and, with an `admin`, reads the consumer lag of its group from Kafka every
-/// [`LAG_EVERY`] (on its own task, so a slow broker does not hold the upkeep back).
-async fn upkeep(handle: PrometheusHandle, admin: Option<Arc<ProcessAdmin>>) {
-    if let Some(admin) = admin {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(LAG_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                admin.sample_lag().await;
-            }
-        });
-    }
+/// (`run_upkeep`), whether or not anyone scrapes.
+async fn upkeep(handle: PrometheusHandle) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tick.tick().await;
         handle.run_upkeep();
+    }
+}
+
+/// Until the process ends: reads the consumer lag of `admin`'s group from Kafka every
+/// [`LAG_EVERY`] (on its own task, so a slow broker holds nothing else back).
+async fn sample_lag(admin: Arc<ProcessAdmin>) {
+    let mut tick = tokio::time::interval(LAG_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        admin.sample_lag().await;
     }
 }
 
@@ -279,8 +270,15 @@ impl ProcessAdmin {
                 *self.last_lag() = Some(lag);
             }
             Err(e) => {
-                tracing::debug!(cause = %e, group, topic, "could not read the consumer lag");
-                *self.last_lag() = None;
+                // Not a frozen last value: the gauge reads NaN and the admin view drops the
+                // group until a read succeeds again.
+                metrics::gauge!(telemetry::BUS_LAG, "group" => group.clone(), "topic" => topic.clone())
+                    .set(f64::NAN);
+                if self.last_lag().take().is_some() {
+                    tracing::warn!(cause = %e, group, topic, "could not read the consumer lag");
+                } else {
+                    tracing::debug!(cause = %e, group, topic, "could not read the consumer lag");
+                }
             }
         }
     }
@@ -326,7 +324,7 @@ pub async fn run_repo(
     data_dir: &Path,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    Ops::bind(&config, &config.repo.metrics_listen)?.serve(None)?;
+    Ops::bind(&config, &config.repo.metrics_listen)?;
     let discovery = discovery(&config).await?;
     let ttl = lease_ttl(&config);
     let (node, node_hold) = node_id(&discovery, "repo-node", config.repo.node_id, ttl).await?;
@@ -382,10 +380,10 @@ pub async fn run_logic(
         crate::logic_settings(&config, jwt_secret),
     )
     .map_err(|e| anyhow::anyhow!("starting logic: {e}"))?;
-    ops.serve(Some(Arc::new(ProcessAdmin {
+    ops.attach(ProcessAdmin {
         logic: Some(logic.clone()),
         ..ProcessAdmin::new("logic", bus, gochat_logic::upstream::GROUP, UPSTREAM_TOPIC)
-    })))?;
+    });
     let listener = tokio::net::TcpListener::bind(&config.logic.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.logic.listen))?;
@@ -487,7 +485,8 @@ pub async fn run_gateway(
         &gochat_gateway::consumer_group(&id),
         &downstream_topic(&id),
     ));
-    tokio::spawn(upkeep(metrics.clone(), Some(Arc::clone(&admin))));
+    tokio::spawn(upkeep(metrics.clone()));
+    tokio::spawn(sample_lag(Arc::clone(&admin)));
     let served = gochat_gateway::Gateway::new(crate::gateway_settings(&config), logic, bus)
         .with_metrics(metrics)
         .with_admin(admin)
@@ -542,10 +541,10 @@ pub async fn run_task(config: Config, shutdown: impl Future<Output = ()>) -> any
         bus.clone(),
         gateways,
     );
-    ops.serve(Some(Arc::new(ProcessAdmin {
+    ops.attach(ProcessAdmin {
         task: Some(service.stats()),
         ..ProcessAdmin::new("task", bus, gochat_task::CONSUMER_GROUP, TASK_TOPIC)
-    })))?;
+    });
     tracing::info!("task consuming im-task-topic");
     service
         .run(async {

@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use actix_web::http::header;
@@ -41,6 +41,11 @@ const PAGE: &str = include_str!("admin/page.html");
 const DEFAULT_LIMIT: usize = 10;
 /// Most rows `?limit=` may ask for.
 const MAX_LIMIT: usize = 100;
+
+/// Where the admin routes find their [`AdminSource`]: empty until the process has one (an ops
+/// server answers `/metrics` and `/healthz` from the start, and its admin routes 404 until the
+/// service behind them is up).
+pub type AdminSlot = Arc<OnceLock<Arc<dyn AdminSource>>>;
 
 /// What the admin endpoints need from the services beyond the gateway. A kind of actor that
 /// does not live in this process answers `None` (the default), shown as `null`.
@@ -119,8 +124,8 @@ struct ActorsReport {
 pub(crate) struct AdminState {
     /// The admin token; empty: admin routes are off and `/metrics` is open.
     pub token: String,
-    /// Conversation, fanout and bus data.
-    pub source: Option<Arc<dyn AdminSource>>,
+    /// Conversation, fanout and bus data, once there is a source.
+    pub source: AdminSlot,
     /// Renders `/metrics`.
     pub metrics: Option<PrometheusHandle>,
     /// When the process started serving.
@@ -131,7 +136,7 @@ impl fmt::Debug for AdminState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdminState")
             .field("token_set", &!self.token.is_empty())
-            .field("source", &self.source.is_some())
+            .field("source", &self.source.get().is_some())
             .field("metrics", &self.metrics.is_some())
             .finish()
     }
@@ -176,7 +181,7 @@ fn admin_source<'a>(
     query: bool,
     trace: &TraceId,
 ) -> Result<&'a Arc<dyn AdminSource>, ApiError> {
-    let source = match &st.source {
+    let source = match st.source.get() {
         Some(source) if !st.token.is_empty() => source,
         _ => return Err(not_found(req, trace)),
     };
@@ -217,19 +222,19 @@ pub(crate) async fn metrics(
 
 /// The operator endpoints of a process without a gateway listener (`gochat repo|logic|task`):
 /// `GET /metrics` (the process's Prometheus text, behind `token` when it is set, as on a
-/// gateway) and `GET /healthz`, on `listener`, with one worker; with a `source` (logic, task)
-/// also `GET /admin/actors` and `GET /admin`, as on a gateway but without sessions. The server
-/// runs on its own thread (with its own actix System), so it works whatever runtime the
-/// service uses; it ends with the process.
+/// gateway) and `GET /healthz`, on `listener`, with one worker; once an [`AdminSource`] is put
+/// into the returned slot (logic, task), also `GET /admin/actors` and `GET /admin`, as on a
+/// gateway but without sessions (404 before). The server runs on its own thread (with its own
+/// actix System), so it works whatever runtime the service uses; it ends with the process.
 pub fn spawn_ops_server(
     listener: std::net::TcpListener,
     handle: PrometheusHandle,
     token: String,
-    source: Option<Arc<dyn AdminSource>>,
-) -> std::io::Result<()> {
+) -> std::io::Result<AdminSlot> {
+    let slot = AdminSlot::default();
     let state = AdminState {
         token,
-        source,
+        source: Arc::clone(&slot),
         metrics: Some(handle),
         started: Instant::now(),
     };
@@ -267,7 +272,7 @@ pub fn spawn_ops_server(
         .recv()
         .unwrap_or_else(|_| Err(std::io::Error::other("the ops server thread ended")))?;
     tracing::info!(%addr, "serving /metrics and /healthz");
-    Ok(())
+    Ok(slot)
 }
 
 #[derive(Debug, Deserialize)]

@@ -53,7 +53,7 @@ use gochat_proto::logic::group_service_server::GroupService;
 use gochat_proto::logic::presence_service_server::PresenceService;
 use tokio_util::sync::CancellationToken;
 
-pub use admin::{AdminSource, BusyConversation, spawn_ops_server};
+pub use admin::{AdminSlot, AdminSource, BusyConversation, spawn_ops_server};
 pub use api::{TRACE_HEADER, TRACE_METADATA_KEY};
 pub use downstream::consumer_group;
 pub use settings::GatewaySettings;
@@ -153,9 +153,13 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
             metrics,
             admin,
         } = self;
+        let source = AdminSlot::default();
+        if let Some(admin) = admin {
+            let _ = source.set(admin);
+        }
         let admin_data = web::Data::new(AdminState {
             token: settings.admin_token.clone(),
-            source: admin,
+            source,
             metrics,
             started: Instant::now(),
         });

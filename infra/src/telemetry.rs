@@ -7,7 +7,8 @@
 //! of a single crate record nothing). [`install`] puts a Prometheus recorder in place once per
 //! process and returns its handle; the gateway renders it at `GET /metrics`, on the same
 //! listener as the API (there is no separate metrics listener). Whoever installs it also calls
-//! [`PrometheusHandle::run_upkeep`] every few seconds (the `serve` sampler does), so histogram
+//! [`PrometheusHandle::run_upkeep`] every few seconds (the `serve` sampler and every distributed
+//! process do, once a second), so histogram
 //! samples recorded between two scrapes are folded into their buckets instead of piling up.
 //!
 //! Conventions: every name starts with `gochat_`; counters end in `_total`, durations are in
