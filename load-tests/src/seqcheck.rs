@@ -10,8 +10,8 @@
 //!   as a `new-message` (a hole), counted after the run;
 //! - the **tail** is what the stream never got above the highest `new-message` seq it got:
 //!   nothing, once the run drained; after a run stopped by its time limit, the deliveries still
-//!   on their way (which can lie below the recipient's own latest ack: a batch's acks go out
-//!   before its deliveries).
+//!   on their way (which can lie below the recipient's own latest ack when the deliveries take
+//!   the task service's path: groups above the fanout threshold and the world room).
 
 use serde::{Deserialize, Serialize};
 
@@ -147,8 +147,8 @@ impl SeqStream {
     /// The tally, with what is missing up to `last` (the conversation's last seq after the
     /// run): holes below the highest `new-message` seq received are gaps (deliveries arrive in
     /// seq order), the rest is the tail. The tail may hold seqs below this recipient's own
-    /// highest ack: logic acknowledges a batch's messages before it delivers them, so a sender
-    /// can see the ack of seq N just before the `new-message`s of lower seqs of the same batch.
+    /// highest ack: deliveries through the task service (big groups, the world room) can come
+    /// after the ack of a later seq.
     pub fn finish(&self, last: u64) -> SeqTally {
         let mut t = self.tally;
         let expected = last.saturating_sub(self.base).min(MAX_TRACKED);
@@ -207,7 +207,7 @@ mod tests {
         s.delivered(3);
         let t = s.finish(6);
         assert_eq!((t.gaps, t.tail), (0, 3));
-        // The own ack of 7 came before the new-messages 5 and 6 of its batch: still tail.
+        // The own ack of 7 came before the new-messages 5 and 6 (the task path): still tail.
         s.own(7);
         let t = s.finish(7);
         assert_eq!((t.gaps, t.tail), (0, 3), "4, 5 and 6 are on their way");

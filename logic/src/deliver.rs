@@ -205,16 +205,10 @@ impl<R: RepoApi, B: Bus> Core<R, B> {
         match route {
             Route::Task(kind) => self.submit_fanout(*kind, &m).await,
             Route::Gateways(located) => {
-                let mut m = Some(m);
-                let last = located.len().saturating_sub(1);
-                for (i, (gateway, users)) in located.iter().enumerate() {
-                    // The last gateway takes the message itself; the others a copy.
-                    let base = if i == last { m.take() } else { m.clone() };
-                    let Some(base) = base else { break };
-                    let record = DownstreamMessage {
-                        targets: users.clone(),
-                        ..base
-                    };
+                // One record, its targets swapped per gateway: the content is never copied.
+                let mut record = m;
+                for (gateway, users) in located {
+                    record.targets.clone_from(users);
                     self.publish(gateway, &record).await?;
                 }
                 Ok(())
