@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Server, WAIT, Ws, big_group, get, post, single, tag, user};
+use common::{Server, WAIT, Ws, big_group, get, post, single, tag, user, wait_online};
 use serde_json::{Value, json};
 
 /// The cluster's `[admin] token`.
@@ -750,39 +750,6 @@ async fn killing_a_logic_loses_nothing_acked() {
     let mut ws = Ws::connect(&g1, &p.access).await;
     let (_, seq) = send_until_acked(&mut ws, &conv, "after", "late-1", WAIT).await;
     assert_eq!(seq, 1);
-}
-
-/// Waits until every one of `ids` shows online in the member list of group `gid`.
-async fn wait_online(s: &Server, token: &str, gid: &str, ids: &BTreeSet<String>) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let mut online = 0;
-        let mut offset = 0;
-        loop {
-            let url = s.url(&format!("/groups/{gid}/members?offset={offset}&limit=200"));
-            let (st, body) = get(&url, Some(token)).await;
-            assert_eq!(st, 200, "members: {body}");
-            let page = body["members"].as_array().expect("members");
-            online += page
-                .iter()
-                .filter(|m| m["is_online"] == true)
-                .filter(|m| m["user"]["id"].as_str().is_some_and(|id| ids.contains(id)))
-                .count();
-            if page.len() < 200 {
-                break;
-            }
-            offset += page.len();
-        }
-        if online == ids.len() {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{online} of {} members online in time",
-            ids.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Whether `user_id` shows online in the member list of group `gid`.
