@@ -114,6 +114,7 @@ pub fn gateway_settings(config: &Config) -> gochat_gateway::GatewaySettings {
         outbound_queue: config.gateway.outbound_queue.max(1),
         heartbeat_timeout: Duration::from_secs(config.gateway.heartbeat_timeout_secs.max(1)),
         presence_ttl: Duration::from_secs(config.repo.presence_ttl_secs.max(3)),
+        presence_wait: Duration::from_millis(config.gateway.presence_wait_ms),
         downstream_partitions: config.bus.partitions,
         workers: config.gateway.workers,
         admin_token: config.admin.token.clone(),

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Server, WAIT, Ws, big_group, get, post, single, tag, user, wait_online};
+use common::{Server, WAIT, Ws, assert_online, big_group, get, post, single, tag, user};
 use serde_json::{Value, json};
 
 /// The cluster's `[admin] token`.
@@ -558,9 +558,9 @@ async fn two_gateways_two_logic_chat_group_and_task_fanout() {
         online.push(Ws::connect(gw, &m.access).await);
         online_ids.insert(m.id.clone());
     }
-    // Gateways report presence on their own schedule (docs/protocol.md): task only reaches
-    // members already registered online, so wait for all of them.
-    wait_online(&g1, &alice.access, &gid, &online_ids).await;
+    // A connection is open only once its presence is reported (docs/protocol.md), so every
+    // member shows online at once and task reaches all of them.
+    assert_online(&g1, &alice.access, &gid, &online_ids).await;
     a.send_message(&big, "to everyone", "big-1").await;
     assert_eq!(a.next_of("message-ack").await["data"]["seq_id"], 1);
     for ws in online.iter_mut().chain([&mut b, &mut c]) {

@@ -294,7 +294,7 @@ async fn groups_membership_rules() {
     // Members chat; then the owner removes m2, who loses access.
     let mut o = Ws::connect(&s, &owner.access).await;
     let mut w2 = Ws::connect(&s, &m2.access).await;
-    wait_online(&s, &owner.access, &gid, &[m2.id.clone()].into()).await;
+    assert_online(&s, &owner.access, &gid, &[m2.id.clone()].into()).await;
     o.send_message(&conv, "welcome", "o-1").await;
     assert_eq!(o.next_of("message-ack").await["data"]["seq_id"], 1);
     assert_eq!(

@@ -8,15 +8,21 @@
 //! race each other out of order (a quick disconnect/reconnect cannot end up reported offline),
 //! flapping collapses into at most one call per user per round, memory is bounded by the number
 //! of users, and a failed call is simply retried a second later.
+//!
+//! An upgrade can wait for its user's report ([`PresenceTracker::mark_and_notify`]): the
+//! gateway answers 101 only once logic knows the user is online here, so every message stored
+//! after a client sees its connection open is routed to it (see `GatewaySettings::presence_wait`).
+//! A waiter is taken together with the dirty mark it came with, under one lock, so the round
+//! that releases it looked at the registry after the session was in it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
 use gochat_proto::logic::presence_service_server::PresenceService;
 use gochat_proto::logic::{RefreshPresenceRequest, UserConnectedRequest, UserDisconnectedRequest};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -29,26 +35,72 @@ const REFRESH_BATCH: usize = 1_000;
 /// Delay before a failed call is retried.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// Upgrades waiting for their user's presence to be reported, by user.
+type Waiters = HashMap<String, Vec<oneshot::Sender<()>>>;
+
 /// Users whose presence changed since the reporter last looked.
 #[derive(Debug, Default)]
 pub(crate) struct PresenceTracker {
-    dirty: Mutex<HashSet<String>>,
+    pending: Mutex<Pending>,
     wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    dirty: HashSet<String>,
+    waiters: Waiters,
 }
 
 impl PresenceTracker {
     /// Marks `user_id` for the reporter.
     pub fn mark(&self, user_id: &str) {
-        self.lock().insert(user_id.to_owned());
+        self.lock().dirty.insert(user_id.to_owned());
         self.wake.notify_one();
     }
 
-    fn take(&self) -> Vec<String> {
-        self.lock().drain().collect()
+    /// Marks `user_id` and has `ready` sent once a reporter round that started after this call
+    /// reconciled the user (reported them, or found nothing to report). A failed report keeps
+    /// the waiter until a retry succeeds; dropping the reporter drops it.
+    pub fn mark_and_notify(&self, user_id: &str, ready: oneshot::Sender<()>) {
+        {
+            let mut pending = self.lock();
+            pending.dirty.insert(user_id.to_owned());
+            pending
+                .waiters
+                .entry(user_id.to_owned())
+                .or_default()
+                .push(ready);
+        }
+        self.wake.notify_one();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.dirty.lock().unwrap_or_else(|e| e.into_inner())
+    /// The marked users and their waiters, atomically.
+    fn take(&self) -> (Vec<String>, Waiters) {
+        let mut pending = self.lock();
+        let dirty = pending.dirty.drain().collect();
+        (dirty, std::mem::take(&mut pending.waiters))
+    }
+
+    /// Puts back waiters a round could not release (their users' reports failed).
+    fn keep_waiting(&self, waiters: Waiters) {
+        let mut pending = self.lock();
+        for (user, mut list) in waiters {
+            list.retain(|w| !w.is_closed());
+            if !list.is_empty() {
+                pending.waiters.entry(user).or_default().extend(list);
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Tells the upgrades waiting for `user` that its presence is reported.
+fn release(waiters: &mut Waiters, user: &str) {
+    for ready in waiters.remove(user).into_iter().flatten() {
+        let _ = ready.send(());
     }
 }
 
@@ -56,7 +108,7 @@ impl PresenceTracker {
 enum Outcome {
     Online(String),
     Offline(String),
-    Unchanged,
+    Unchanged(String),
     Failed(String),
 }
 
@@ -90,36 +142,48 @@ pub(crate) async fn run_reporter<L: PresenceService + Clone>(
                 continue;
             }
         }
-        let dirty = shared.presence.take();
+        let (dirty, mut waiters) = shared.presence.take();
         if dirty.is_empty() {
             continue;
         }
-        let outcomes: Vec<Outcome> =
-            futures::stream::iter(dirty)
-                .map(|user| {
-                    let online_now = shared.registry.has_user(&user);
-                    let was_online = reported.contains(&user);
+        // Looked at now, after the take: a waiter's session is in the registry already.
+        let work: Vec<(String, bool, bool)> = dirty
+            .into_iter()
+            .map(|user| {
+                let online_now = shared.registry.has_user(&user);
+                let was_online = reported.contains(&user);
+                (user, online_now, was_online)
+            })
+            .collect();
+        let mut outcomes =
+            futures::stream::iter(work)
+                .map(|(user, online_now, was_online)| {
                     let logic = logic.clone();
                     let gateway_id = gateway_id.clone();
                     async move {
                         reconcile(&logic, &gateway_id, ttl, user, online_now, was_online).await
                     }
                 })
-                .buffer_unordered(CONCURRENCY)
-                .collect()
-                .await;
+                .buffer_unordered(CONCURRENCY);
         let mut failed = Vec::new();
-        for outcome in outcomes {
+        // Each outcome is applied as it arrives, so one slow call does not hold the upgrades
+        // waiting for other users.
+        while let Some(outcome) = outcomes.next().await {
             match outcome {
                 Outcome::Online(u) => {
+                    release(&mut waiters, &u);
                     reported.insert(u);
                 }
                 Outcome::Offline(u) => {
+                    release(&mut waiters, &u);
                     reported.remove(&u);
                 }
-                Outcome::Unchanged => {}
+                Outcome::Unchanged(u) => release(&mut waiters, &u),
                 Outcome::Failed(u) => failed.push(u),
             }
+        }
+        if !waiters.is_empty() {
+            shared.presence.keep_waiting(waiters);
         }
         if !failed.is_empty() {
             let at = Instant::now() + RETRY_AFTER;
@@ -196,7 +260,7 @@ async fn reconcile<L: PresenceService>(
                 }
             }
         }
-        _ => Outcome::Unchanged,
+        _ => Outcome::Unchanged(user),
     }
 }
 

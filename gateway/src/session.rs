@@ -110,6 +110,8 @@ pub(crate) struct Session {
     upstream: mpsc::Sender<Box<UpstreamMessage>>,
     /// The delivery queue's sender, handed to the registry in `started`.
     deliveries: Option<mpsc::Sender<Delivery>>,
+    /// Told once this user's presence is reported (the upgrade waits for it), from `started`.
+    presence_ready: Option<oneshot::Sender<()>>,
     last_seen: Instant,
     abuse_count: u32,
     abuse_since: Instant,
@@ -129,6 +131,8 @@ pub(crate) struct SessionStart {
     pub stream: AggregatedMessageStream,
     pub upstream: mpsc::Sender<Box<UpstreamMessage>>,
     pub trace_id: String,
+    /// Sent once the user's presence is reported after this session joined the registry.
+    pub presence_ready: Option<oneshot::Sender<()>>,
 }
 
 /// Starts the writer task and the Session actor (on the current arbiter).
@@ -140,6 +144,7 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
         stream,
         upstream,
         trace_id,
+        presence_ready,
     } = params;
     let settings = &shared.settings;
     let queue = settings.outbound_queue.max(1);
@@ -170,6 +175,7 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
             close_tx: Some(close_tx),
             upstream,
             deliveries: Some(deliver_tx),
+            presence_ready,
             last_seen: now,
             abuse_count: 0,
             abuse_since: now,
@@ -198,7 +204,10 @@ impl Actor for Session {
             self.shared
                 .stats
                 .user_sessions_changed(sessions.saturating_sub(1), sessions);
-            self.shared.presence.mark(&self.user_id);
+            match self.presence_ready.take() {
+                Some(ready) => self.shared.presence.mark_and_notify(&self.user_id, ready),
+                None => self.shared.presence.mark(&self.user_id),
+            }
             tracing::debug!(first_local_session = sessions == 1, "session opened");
         }
         self.shared.stats.session_opened();

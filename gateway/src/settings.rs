@@ -31,6 +31,11 @@ pub struct GatewaySettings {
     /// Lifetime of this gateway's presence entries in logic (default 30 s); they are refreshed
     /// every third of it.
     pub presence_ttl: Duration,
+    /// How long an upgrade waits for its user's presence report before answering 101 (default
+    /// 3 s; zero: no wait). Once a client sees 101, logic routes every new message of its
+    /// conversations here; past the wait (logic slow or down) the connection opens anyway and
+    /// `gochat_gateway_presence_late_total` counts it.
+    pub presence_wait: Duration,
     /// Refused frames (bad JSON, unknown type, invalid fields, binary) tolerated within
     /// `abuse_window` (default 20): the one that reaches it gets its error frame, then the
     /// connection is closed with 1008 (policy violation).
@@ -67,6 +72,7 @@ impl Default for GatewaySettings {
             heartbeat_timeout: Duration::from_secs(90),
             heartbeat_check_interval: Duration::from_secs(10),
             presence_ttl: Duration::from_secs(30),
+            presence_wait: Duration::from_secs(3),
             max_abuse: 20,
             abuse_window: Duration::from_secs(60),
             max_sessions: 100_000,

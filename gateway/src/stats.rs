@@ -139,6 +139,7 @@ pub struct GatewayStats {
     closed_heartbeat: AtomicU64,
     closed_shutdown: AtomicU64,
     closed_protocol: AtomicU64,
+    presence_late: AtomicU64,
     ws_errors: [AtomicU64; ErrorCode::ALL.len()],
     http_errors: [AtomicU64; ErrorCode::ALL.len()],
 }
@@ -172,6 +173,8 @@ pub struct StatsSnapshot {
     pub closed_shutdown: u64,
     /// Sessions closed for an oversized frame or a protocol error (1009 / 1002).
     pub closed_protocol: u64,
+    /// Upgrades answered 101 before their user's presence was reported (`presence_wait` ran out).
+    pub presence_late: u64,
     /// `error` frames sent, by code.
     pub ws_errors: BTreeMap<u16, u64>,
     /// HTTP error responses, by code.
@@ -213,6 +216,7 @@ impl GatewayStats {
             closed_heartbeat: get(&self.closed_heartbeat),
             closed_shutdown: get(&self.closed_shutdown),
             closed_protocol: get(&self.closed_protocol),
+            presence_late: get(&self.presence_late),
             ws_errors: by_code(&self.ws_errors),
             http_errors: by_code(&self.http_errors),
         }
@@ -287,6 +291,15 @@ impl GatewayStats {
             CloseCause::Shutdown => &self.closed_shutdown,
             CloseCause::Protocol => &self.closed_protocol,
         });
+    }
+
+    /// An upgrade waited `took` for its user's presence report; `on_time`: the report came.
+    pub(crate) fn presence_waited(&self, took: Duration, on_time: bool) {
+        histogram!(t::GATEWAY_PRESENCE_WAIT).record(took.as_secs_f64());
+        if !on_time {
+            bump(&self.presence_late);
+            counter!(t::GATEWAY_PRESENCE_LATE).increment(1);
+        }
     }
 
     pub(crate) fn ws_error(&self, code: ErrorCode) {

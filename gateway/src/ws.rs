@@ -1,13 +1,18 @@
 //! `GET /ws`: authenticates BEFORE the upgrade (`?token=` or `Authorization: Bearer`; refused
 //! with HTTP 401 and an `ErrorResponse`), then upgrades and starts one Session actor, its writer
 //! task and its publisher task.
+//!
+//! The 101 is sent once the user's presence is reported to logic (at most
+//! `presence_wait`): from the moment a client sees its connection open, every message stored
+//! for it is routed to this gateway, and what was stored before is what its resync finds.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use gochat_infra::ErrorCode;
 use gochat_infra::mq::Bus;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::LogicApi;
 use crate::api::{ApiError, ApiState, TraceId, bearer_token, validate_token};
@@ -59,6 +64,13 @@ pub(crate) async fn upgrade<L: LogicApi, B: Bus>(
         .aggregate_continuations()
         .max_continuation_size(limit);
     let (upstream_tx, upstream_rx) = mpsc::channel(shared.settings.upstream_inflight.max(1));
+    let wait = shared.settings.presence_wait;
+    let (ready_tx, ready_rx) = if wait.is_zero() {
+        (None, None)
+    } else {
+        let (tx, rx) = oneshot::channel();
+        (Some(tx), Some(rx))
+    };
     let addr = session::start(SessionStart {
         shared: shared.clone(),
         user_id,
@@ -66,6 +78,7 @@ pub(crate) async fn upgrade<L: LogicApi, B: Bus>(
         stream,
         upstream: upstream_tx,
         trace_id: trace.as_str().to_owned(),
+        presence_ready: ready_tx,
     });
     actix_rt::spawn(session::publish_loop(
         bus.get_ref().clone(),
@@ -73,5 +86,19 @@ pub(crate) async fn upgrade<L: LogicApi, B: Bus>(
         addr,
         shared.stats.clone(),
     ));
+    if let Some(ready) = ready_rx {
+        let started = Instant::now();
+        // An error means the session or the reporter is gone: nothing left to wait for.
+        let on_time = tokio::time::timeout(wait, ready).await.is_ok();
+        shared.stats.presence_waited(started.elapsed(), on_time);
+        if !on_time {
+            tracing::warn!(
+                trace_id = %trace.as_str(),
+                waited_ms = wait.as_millis() as u64,
+                "presence not reported in time; upgrading anyway (messages stored meanwhile \
+                 reach this connection only by resync)"
+            );
+        }
+    }
     Ok(response)
 }

@@ -387,6 +387,84 @@ async fn presence_is_reported_on_first_open_and_last_close() {
 }
 
 #[tokio::test]
+async fn the_upgrade_is_answered_once_presence_is_reported() {
+    let gw = TestGateway::start(GatewaySettings {
+        presence_wait: Duration::from_secs(60),
+        ..test_settings()
+    });
+    let (u, utok) = gw.logic.add_user("alice");
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    gw.logic.lock().presence_gate = Some(gate.clone());
+
+    // The client notes in the fake's call log when its connection opened.
+    let logic = gw.logic.clone();
+    let url = gw.ws_url(&utok);
+    let client = tokio::spawn(async move {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connect");
+        logic.lock().calls.push("client-open".to_owned());
+        ws
+    });
+    let connected = format!("UserConnected:{u}:gw-1");
+    gw.wait_calls("UserConnected", |c| c.contains(&connected))
+        .await;
+    // While the report hangs the client stays unanswered (give an eager 101 time to show).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !gw.logic.calls().iter().any(|c| c == "client-open"),
+        "101 came before the presence report"
+    );
+    gate.add_permits(1);
+    let mut ws = tokio::time::timeout(GUARD, client)
+        .await
+        .expect("connect timed out")
+        .expect("client task");
+    let calls = gw.logic.calls();
+    let done = calls
+        .iter()
+        .position(|c| *c == format!("UserConnected-done:{u}"));
+    let open = calls.iter().position(|c| c == "client-open");
+    assert!(done.is_some() && done < open, "calls: {calls:?}");
+    ping_pong(&mut ws).await;
+
+    // A second device of the same user needs no call and is answered at once.
+    let mut second = connect_ready(&gw, &utok).await;
+    ping_pong(&mut second).await;
+    let reports = gw
+        .logic
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("UserConnected:"))
+        .count();
+    assert_eq!(reports, 1);
+    assert_eq!(gw.stats.snapshot().presence_late, 0);
+}
+
+#[tokio::test]
+async fn an_upgrade_opens_anyway_when_presence_cannot_be_reported() {
+    let gw = TestGateway::start(GatewaySettings {
+        presence_wait: Duration::from_secs(1),
+        ..test_settings()
+    });
+    let (u, utok) = gw.logic.add_user("alice");
+    gw.logic.lock().presence_fails = true;
+    let mut a = connect_ready(&gw, &utok).await;
+    assert_eq!(gw.stats.snapshot().presence_late, 1);
+    // The report is retried until logic takes it.
+    gw.logic.lock().presence_fails = false;
+    let connected = format!("UserConnected:{u}:gw-1");
+    gw.wait_calls("a retried UserConnected", |c| {
+        c.iter().filter(|x| **x == connected).count() >= 2
+    })
+    .await;
+    ping_pong(&mut a).await;
+    // Now that the user is reported, another device does not wait.
+    let _b = connect_ready(&gw, &utok).await;
+    assert_eq!(gw.stats.snapshot().presence_late, 1);
+}
+
+#[tokio::test]
 async fn presence_is_refreshed_periodically() {
     let gw = TestGateway::start(GatewaySettings {
         presence_ttl: Duration::from_secs(3),

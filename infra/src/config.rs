@@ -152,6 +152,9 @@ pub struct GatewayConfig {
     pub outbound_queue: usize,
     /// A connection silent for this many seconds is closed.
     pub heartbeat_timeout_secs: u64,
+    /// How long (ms) an upgrade waits for its user's presence report before answering 101
+    /// anyway (0: no wait).
+    pub presence_wait_ms: u64,
     /// HTTP worker threads (0: one per core).
     pub workers: usize,
 }
@@ -165,6 +168,7 @@ impl Default for GatewayConfig {
             max_content_chars: 5000,
             outbound_queue: 256,
             heartbeat_timeout_secs: 90,
+            presence_wait_ms: 3000,
             workers: 0,
         }
     }

@@ -71,6 +71,10 @@ pub const GATEWAY_DUPLICATES_DROPPED: &str = "gochat_gateway_duplicates_dropped_
 /// Counter: errors answered to clients, by `code` and `transport` ("ws" error frames, "http"
 /// error responses).
 pub const GATEWAY_ERRORS: &str = "gochat_gateway_errors_total";
+/// Histogram: how long WebSocket upgrades waited for their user's presence report.
+pub const GATEWAY_PRESENCE_WAIT: &str = "gochat_gateway_presence_wait_seconds";
+/// Counter: upgrades answered without their presence report (it took over `presence_wait`).
+pub const GATEWAY_PRESENCE_LATE: &str = "gochat_gateway_presence_late_total";
 /// Histogram: HTTP request duration, by `status` class ("2xx", "4xx", ...).
 pub const HTTP_REQUEST_SECONDS: &str = "gochat_http_request_duration_seconds";
 
@@ -270,6 +274,15 @@ fn describe() {
     describe_counter!(
         GATEWAY_ERRORS,
         "Errors answered to clients, by code and transport (ws, http)."
+    );
+    describe_histogram!(
+        GATEWAY_PRESENCE_WAIT,
+        Unit::Seconds,
+        "Time a WebSocket upgrade waited for its user's presence report before answering 101."
+    );
+    describe_counter!(
+        GATEWAY_PRESENCE_LATE,
+        "WebSocket upgrades answered before their presence report (it took over presence_wait)."
     );
     describe_histogram!(
         HTTP_REQUEST_SECONDS,

@@ -59,6 +59,11 @@ pub struct FakeState {
     pub calls: Vec<String>,
     /// `x-trace-id` metadata seen on calls.
     pub trace_ids: Vec<String>,
+    /// When set, `UserConnected` waits for a permit of this semaphore before it answers (and
+    /// records "UserConnected-done:<user>" then).
+    pub presence_gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// When set, `UserConnected` fails with `unavailable`.
+    pub presence_fails: bool,
     next: i64,
 }
 
@@ -534,6 +539,19 @@ impl PresenceService for FakeLogic {
             format!("UserConnected:{}:{}", r.user_id, r.gateway_id),
             &request,
         );
+        let (gate, fails) = {
+            let st = self.lock();
+            (st.presence_gate.clone(), st.presence_fails)
+        };
+        if fails {
+            return Err(err(ErrorCode::Unavailable, "presence store unavailable"));
+        }
+        if let Some(gate) = gate {
+            gate.acquire().await.expect("gate open").forget();
+            self.lock()
+                .calls
+                .push(format!("UserConnected-done:{}", r.user_id));
+        }
         Ok(Response::new(UserConnectedResponse { first_online: true }))
     }
 
