@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use crate::session::{CloseSession, Delivery, Outbound, Session};
+use crate::session::{CloseSession, Delivery, Session};
 use crate::stats::CloseCause;
 
 /// How the rest of the gateway reaches one Session actor.
@@ -26,8 +26,8 @@ pub(crate) struct SessionHandle {
     pub user_id: Arc<str>,
     /// Bounded queue of deliveries into the actor.
     deliveries: mpsc::Sender<Delivery>,
-    /// The session's outbound queue (weak: the session owns it), read for its depth.
-    outbound: mpsc::WeakSender<Outbound>,
+    /// Frames the session holds back because its socket is not taking them (its backlog).
+    backlog: Arc<AtomicUsize>,
     /// The actor's mailbox, for control messages (close).
     control: Addr<Session>,
     /// Set once the session was told to close, so a flood of failed deliveries sends one
@@ -49,14 +49,14 @@ impl SessionHandle {
         id: Arc<str>,
         user_id: Arc<str>,
         deliveries: mpsc::Sender<Delivery>,
-        outbound: mpsc::WeakSender<Outbound>,
+        backlog: Arc<AtomicUsize>,
         control: Addr<Session>,
     ) -> Self {
         Self {
             id,
             user_id,
             deliveries,
-            outbound,
+            backlog,
             control,
             doomed: Arc::new(AtomicBool::new(false)),
         }
@@ -74,16 +74,12 @@ impl SessionHandle {
         }
     }
 
-    /// Frames waiting for this session: deliveries not yet taken by the actor plus frames not
-    /// yet written to the socket.
+    /// Frames waiting for this session: deliveries not yet taken by the actor plus frames held
+    /// in its backlog (those actix-ws's channel of 32 could not take yet).
     pub fn queued(&self) -> usize {
         let waiting = |max: usize, free: usize| max.saturating_sub(free);
         let deliveries = waiting(self.deliveries.max_capacity(), self.deliveries.capacity());
-        let outbound = self
-            .outbound
-            .upgrade()
-            .map_or(0, |out| waiting(out.max_capacity(), out.capacity()));
-        deliveries + outbound
+        deliveries + self.backlog.load(Ordering::Relaxed)
     }
 
     /// Asks the session to close (once; later requests are ignored).

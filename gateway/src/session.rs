@@ -3,32 +3,40 @@
 //! ```text
 //!  client frames ──► actix_ws MessageStream ──(ctx.add_stream)──► Session actor ──► publisher task ──► im-upstream-topic
 //!  downstream consumer ──try_send──► delivery queue ──(ctx.add_stream)──┘   │
-//!                                                                          ▼ try_send
-//!                                             outbound queue (bounded) ──► writer task ──► actix_ws::Session ──► socket
+//!                                                                          ▼ start_send
+//!                                    actix_ws::Session (a channel of 32 frames) ──► socket
+//!                                    (backlog, bounded, while that channel is full)
 //! ```
 //!
-//! The actor owns everything that is per-connection state: the heartbeat deadline, the abuse
-//! count, and the last seq delivered per conversation (so redelivered records are dropped). It
-//! never awaits: frames it produces and deliveries it accepts go to the bounded outbound queue
-//! with `try_send`, drained by a writer task that owns the `actix_ws::Session` (the socket
-//! half). When that queue is full the client is not reading fast enough and the session is
-//! closed with 1013; nothing is ever buffered without bound. Sends are published in order by a
-//! per-session publisher task behind another bounded queue, so a slow bus never blocks
-//! deliveries.
+//! The actor owns everything that is per-connection state: the socket half (the
+//! `actix_ws::Session`), the heartbeat deadline, the abuse count, and the last seq delivered per
+//! conversation (so redelivered records are dropped). It never awaits: a frame it produces or a
+//! delivery it accepts goes straight into actix-ws's channel when that has room, else into the
+//! session's backlog, which a [`Flusher`] polled by the actor's own context drains as the
+//! channel frees up. No other task writes, so a delivery costs one wake-up of the actor and
+//! none of a writer. When the backlog holds `outbound_queue` frames the client is not reading
+//! fast enough and the session is closed with 1013; nothing is ever buffered without bound.
+//! Sends are published in order by a per-session publisher task behind another bounded queue,
+//! so a slow bus never blocks deliveries.
 //!
-//! Closing: the actor hands the writer a close command (code, reason, and whether queued frames
-//! are flushed first), then stops; the writer sends the close frame within `close_grace` and
-//! drops the socket. On stop the session leaves the registry and its user is marked for presence
+//! Closing: the actor hands the socket half, with the backlog when it is to be flushed first, to
+//! a short-lived task that sends the close frame within `close_grace` and drops the socket, then
+//! stops. On stop the session leaves the registry and its user is marked for presence
 //! reporting.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
+use actix::fut::ActorFuture;
 use actix::{Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message, StreamHandler};
 use actix_web::web::Bytes;
 use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError};
 use bytestring::ByteString;
+use futures::{Sink, SinkExt};
 use gochat_infra::ErrorCode;
 use gochat_infra::mq::Producer;
 use gochat_infra::time::now_ms;
@@ -79,7 +87,7 @@ pub(crate) struct PublishFailed {
     pub message: String,
 }
 
-/// What the writer task writes.
+/// A frame for the socket.
 #[derive(Debug)]
 pub(crate) enum Outbound {
     /// An envelope and its type.
@@ -88,12 +96,14 @@ pub(crate) enum Outbound {
     Pong(Bytes),
 }
 
-/// How the writer ends the connection.
-#[derive(Debug)]
-struct CloseCmd {
-    reason: Option<CloseReason>,
-    /// Write what is queued before the close frame (not for a client too slow to read it).
-    drain: bool,
+impl Outbound {
+    /// The WebSocket message and the `type` it is counted as.
+    fn into_message(self) -> (actix_ws::Message, &'static str) {
+        match self {
+            Self::Text(text, kind) => (actix_ws::Message::Text(text), kind),
+            Self::Pong(payload) => (actix_ws::Message::Pong(payload), FRAME_WS_PONG),
+        }
+    }
 }
 
 /// One WebSocket connection.
@@ -101,10 +111,14 @@ pub(crate) struct Session {
     id: Arc<str>,
     user_id: Arc<str>,
     shared: Arc<Shared>,
-    /// Frames for the writer (bounded).
-    out: mpsc::Sender<Outbound>,
-    /// Taken when closing.
-    close_tx: Option<oneshot::Sender<CloseCmd>>,
+    /// The socket half: a sink into actix-ws's channel to the connection (taken when closing).
+    ws: Option<actix_ws::Session>,
+    /// Frames waiting for room in that channel, oldest first (at most `outbound_queue`).
+    backlog: VecDeque<Outbound>,
+    /// `backlog.len()`, for the registry's view of slow sessions.
+    backlog_len: Arc<AtomicUsize>,
+    /// The [`Flusher`]'s waker while the backlog is empty.
+    flush_waker: Option<Waker>,
     /// Sends for the publisher (bounded). Boxed: a channel allocates room for 32 items when it
     /// is made, and 32 unboxed messages would cost every idle connection about 6 KiB.
     upstream: mpsc::Sender<Box<UpstreamMessage>>,
@@ -146,22 +160,11 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
         trace_id,
         presence_ready,
     } = params;
-    let settings = &shared.settings;
-    let queue = settings.outbound_queue.max(1);
-    let (out_tx, out_rx) = mpsc::channel(queue);
-    let (close_tx, close_rx) = oneshot::channel();
+    let queue = shared.settings.outbound_queue.max(1);
     let (deliver_tx, mut deliver_rx) = mpsc::channel::<Delivery>(queue);
     let id: Arc<str> = shared.next_session_id().into();
     let span =
         tracing::info_span!("ws", session_id = %id, user_id = %user_id, trace_id = %trace_id);
-
-    actix_rt::spawn(write_loop(
-        ws,
-        out_rx,
-        close_rx,
-        settings.close_grace,
-        Arc::clone(&shared.stats),
-    ));
 
     let now = Instant::now();
     Session::create(move |ctx| {
@@ -171,8 +174,10 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
             id,
             user_id: user_id.into(),
             shared,
-            out: out_tx,
-            close_tx: Some(close_tx),
+            ws: Some(ws),
+            backlog: VecDeque::new(),
+            backlog_len: Arc::new(AtomicUsize::new(0)),
+            flush_waker: None,
             upstream,
             deliveries: Some(deliver_tx),
             presence_ready,
@@ -197,7 +202,7 @@ impl Actor for Session {
                 Arc::clone(&self.id),
                 Arc::clone(&self.user_id),
                 deliveries,
-                self.out.downgrade(),
+                Arc::clone(&self.backlog_len),
                 ctx.address(),
             );
             let sessions = self.shared.registry.insert(handle);
@@ -211,6 +216,7 @@ impl Actor for Session {
             tracing::debug!(first_local_session = sessions == 1, "session opened");
         }
         self.shared.stats.session_opened();
+        ctx.spawn(Flusher);
         let every = self
             .shared
             .settings
@@ -274,33 +280,111 @@ impl Session {
             self.shared.stats.closed(cause);
             tracing::info!(?cause, reason = ?reason, "closing session");
         }
-        if let Some(tx) = self.close_tx.take() {
-            let _ = tx.send(CloseCmd { reason, drain });
+        if let Some(ws) = self.ws.take() {
+            let backlog = std::mem::take(&mut self.backlog);
+            let backlog = if drain { backlog } else { VecDeque::new() };
+            actix_rt::spawn(close_socket(
+                ws,
+                backlog,
+                reason,
+                self.shared.settings.close_grace,
+                Arc::clone(&self.shared.stats),
+            ));
         }
+        self.backlog.clear();
+        self.backlog_len.store(0, Ordering::Relaxed);
         ctx.stop();
     }
 
-    /// Queues a frame for the socket; a full queue closes the session as too slow.
+    /// The socket failed (the connection is gone): nothing more can be written.
+    fn gone(&mut self, ctx: &mut Context<Self>) {
+        self.closing = true;
+        self.ws = None;
+        ctx.stop();
+    }
+
+    /// Writes a frame, or queues it behind the ones waiting; a full backlog closes the session
+    /// as too slow.
     fn push(&mut self, ctx: &mut Context<Self>, out: Outbound) {
         if self.closing {
             return;
         }
-        match self.out.try_send(out) {
-            Ok(()) => {
-                let depth = self.out.max_capacity() - self.out.capacity();
-                self.shared.stats.outbound_depth(depth);
+        let Some(ws) = self.ws.as_mut() else {
+            return;
+        };
+        if self.backlog.is_empty() {
+            // Nothing waits, so the flusher is not parked on the channel and a poll with a
+            // no-op waker cannot steal its wake-up. Ready: the frame goes out now.
+            let mut noop = std::task::Context::from_waker(Waker::noop());
+            match Pin::new(&mut *ws).poll_ready(&mut noop) {
+                Poll::Ready(Ok(())) => {
+                    self.shared.stats.outbound_depth(0);
+                    return self.start_send(ctx, out);
+                }
+                Poll::Ready(Err(actix_ws::Closed)) => return self.gone(ctx),
+                Poll::Pending => {}
             }
-            Err(mpsc::error::TrySendError::Full(_)) => self.close(
+        } else if self.backlog.len() >= self.shared.settings.outbound_queue.max(1) {
+            return self.close(
                 ctx,
                 CloseCode::Again,
                 "client too slow: outbound queue full",
                 Some(CloseCause::Slow),
                 false,
-            ),
-            // The writer is gone: the socket failed.
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.closing = true;
-                ctx.stop();
+            );
+        }
+        self.backlog.push_back(out);
+        self.backlog_len
+            .store(self.backlog.len(), Ordering::Relaxed);
+        self.shared.stats.outbound_depth(self.backlog.len());
+        if let Some(waker) = self.flush_waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Hands `out` to actix-ws after a successful `poll_ready`.
+    fn start_send(&mut self, ctx: &mut Context<Self>, out: Outbound) {
+        let Some(ws) = self.ws.as_mut() else {
+            return;
+        };
+        let (msg, kind) = out.into_message();
+        match Pin::new(ws).start_send(msg) {
+            Ok(()) => self.shared.stats.frame_out(kind),
+            Err(actix_ws::Closed) => self.gone(ctx),
+        }
+    }
+
+    /// Moves backlog frames into actix-ws's channel while it has room.
+    fn flush(&mut self, ctx: &mut Context<Self>, task: &mut std::task::Context<'_>) -> Poll<()> {
+        loop {
+            let Some(ws) = self.ws.as_mut() else {
+                // Closing: the socket went to `close_socket`, or it failed.
+                return Poll::Ready(());
+            };
+            if self.backlog.is_empty() {
+                if !self
+                    .flush_waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(task.waker()))
+                {
+                    self.flush_waker = Some(task.waker().clone());
+                }
+                return Poll::Pending;
+            }
+            match Pin::new(&mut *ws).poll_ready(task) {
+                // Parked on the channel, which wakes this context when it has room.
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(actix_ws::Closed)) => {
+                    self.gone(ctx);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Ok(())) => {
+                    if let Some(out) = self.backlog.pop_front() {
+                        self.backlog_len
+                            .store(self.backlog.len(), Ordering::Relaxed);
+                        self.start_send(ctx, out);
+                    }
+                }
             }
         }
     }
@@ -563,77 +647,41 @@ pub(crate) async fn publish_loop<P: Producer>(
     }
 }
 
-enum Step {
-    Wrote,
-    Gone,
-    Close(Option<CloseCmd>),
+/// Drains a session's backlog into the socket, polled by the session's own context (so a
+/// frame queued by a handler is written in the same poll, without waking another task).
+struct Flusher;
+
+impl ActorFuture<Session> for Flusher {
+    type Output = ();
+
+    fn poll(
+        self: Pin<&mut Self>,
+        act: &mut Session,
+        ctx: &mut Context<Session>,
+        task: &mut std::task::Context<'_>,
+    ) -> Poll<()> {
+        act.flush(ctx, task)
+    }
 }
 
-/// Drains the outbound queue into the socket; on a close command flushes (if asked) and sends
-/// the close frame within `grace`, then drops the socket.
-async fn write_loop(
+/// Ends a connection: writes `backlog` (empty unless the close flushes) and the close frame
+/// within `grace`, then drops the socket.
+async fn close_socket(
     mut ws: actix_ws::Session,
-    mut rx: mpsc::Receiver<Outbound>,
-    mut close_rx: oneshot::Receiver<CloseCmd>,
+    backlog: VecDeque<Outbound>,
+    reason: Option<CloseReason>,
     grace: Duration,
     stats: Arc<GatewayStats>,
 ) {
-    loop {
-        let step = tokio::select! {
-            biased;
-            cmd = &mut close_rx => Step::Close(cmd.ok()),
-            step = write_next(&mut ws, &mut rx, &stats) => step,
-        };
-        match step {
-            Step::Wrote => {}
-            Step::Gone | Step::Close(None) => return,
-            Step::Close(Some(cmd)) => {
-                let flush = async move {
-                    if cmd.drain {
-                        while let Ok(out) = rx.try_recv() {
-                            if write(&mut ws, out, &stats).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    let _ = ws.close(cmd.reason).await;
-                };
-                let _ = tokio::time::timeout(grace, flush).await;
+    let flush = async move {
+        for out in backlog {
+            let (msg, kind) = out.into_message();
+            if ws.send(msg).await.is_err() {
                 return;
             }
+            stats.frame_out(kind);
         }
-    }
-}
-
-async fn write_next(
-    ws: &mut actix_ws::Session,
-    rx: &mut mpsc::Receiver<Outbound>,
-    stats: &GatewayStats,
-) -> Step {
-    match rx.recv().await {
-        Some(out) => match write(ws, out, stats).await {
-            Ok(()) => Step::Wrote,
-            Err(actix_ws::Closed) => Step::Gone,
-        },
-        None => Step::Gone,
-    }
-}
-
-async fn write(
-    ws: &mut actix_ws::Session,
-    out: Outbound,
-    stats: &GatewayStats,
-) -> Result<(), actix_ws::Closed> {
-    let kind = match out {
-        Outbound::Text(text, kind) => {
-            ws.text(text).await?;
-            kind
-        }
-        Outbound::Pong(payload) => {
-            ws.pong(&payload).await?;
-            FRAME_WS_PONG
-        }
+        let _ = ws.close(reason).await;
     };
-    stats.frame_out(kind);
-    Ok(())
+    let _ = tokio::time::timeout(grace, flush).await;
 }

@@ -17,8 +17,9 @@ pub struct GatewaySettings {
     /// Longest `send-message` content, in Unicode characters (default 5 000); longer: error
     /// frame 3002.
     pub max_content_chars: usize,
-    /// Frames queued for one session's socket, and deliveries queued for its actor (default
-    /// 256 each). A session whose queue is full is too slow to keep up: it is closed with 1013.
+    /// Frames one session holds back while actix-ws's channel to its socket (32 frames) is
+    /// full, and deliveries queued for its actor (default 256 each). A session whose backlog or
+    /// delivery queue is full is too slow to keep up: it is closed with 1013.
     pub outbound_queue: usize,
     /// `send-message` frames of one session waiting to be published upstream (default 64);
     /// beyond that a send is refused with error 1005 (retry later).

@@ -1,6 +1,6 @@
 //! `GET /ws`: authenticates BEFORE the upgrade (`?token=` or `Authorization: Bearer`; refused
-//! with HTTP 401 and an `ErrorResponse`), then upgrades and starts one Session actor, its writer
-//! task and its publisher task.
+//! with HTTP 401 and an `ErrorResponse`), then upgrades and starts one Session actor (which owns
+//! the socket half) and its publisher task.
 //!
 //! The 101 is sent once the user's presence is reported to logic (at most
 //! `presence_wait`): from the moment a client sees its connection open, every message stored

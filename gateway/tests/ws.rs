@@ -545,6 +545,48 @@ async fn a_client_that_does_not_read_is_closed_and_others_keep_receiving() {
 }
 
 #[tokio::test]
+async fn a_client_that_pauses_reading_gets_every_frame_in_order_afterwards() {
+    let gw = TestGateway::start(GatewaySettings {
+        outbound_queue: 1024,
+        ..test_settings()
+    });
+    let (id, tok) = gw.logic.add_user("sleepy");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let stream = socket.connect(gw.addr).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(
+        gw.ws_url(&tok),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .expect("handshake");
+    ping_pong(&mut ws).await;
+
+    // 9.6 MB while the client reads nothing: more than the socket buffers and actix-ws's
+    // channel hold, so the session keeps the rest in its backlog and must drain it once the
+    // client reads again (a lost wake-up would stall the reads below until GUARD).
+    let big = "y".repeat(16 * 1024);
+    let total = 600;
+    for seq in 1..=total {
+        let mut msg = new_message(&[&id], "s_1_2", seq);
+        msg.content = big.clone();
+        gw.publish_down(&id, &msg).await;
+    }
+    gw.wait_stats("every delivery consumed", |s| {
+        s.downstream_records >= total as u64
+    })
+    .await;
+    for seq in 1..=total {
+        let nm = expect_frame(&mut ws, "new-message").await;
+        assert_eq!(nm["seq_id"], seq);
+    }
+    ping_pong(&mut ws).await;
+    let snap = gw.stats.snapshot();
+    assert_eq!(snap.closed_slow, 0);
+    assert_eq!(snap.connections, 1);
+}
+
+#[tokio::test]
 async fn shutdown_closes_sessions_with_1001_and_reports_users_offline() {
     let gw = TestGateway::start(test_settings());
     let (u, utok) = gw.logic.add_user("alice");
