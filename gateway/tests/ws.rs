@@ -502,17 +502,7 @@ async fn a_client_that_does_not_read_is_closed_and_others_keep_receiving() {
     let (slow_id, slow_tok) = gw.logic.add_user("slow");
     let (fast_id, fast_tok) = gw.logic.add_user("fast");
 
-    // A client with a tiny receive buffer, so the server's writes back up quickly.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let stream = socket.connect(gw.addr).await.expect("connect");
-    let (mut slow, _) = tokio_tungstenite::client_async(
-        gw.ws_url(&slow_tok),
-        tokio_tungstenite::MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .expect("handshake");
-    ping_pong(&mut slow).await;
+    let mut slow = connect_small_buffer(&gw, &slow_tok).await;
     let mut fast = connect_ready(&gw, &fast_tok).await;
 
     // Flood the slow client (it never reads) until the gateway gives up on it.
@@ -551,16 +541,7 @@ async fn a_client_that_pauses_reading_gets_every_frame_in_order_afterwards() {
         ..test_settings()
     });
     let (id, tok) = gw.logic.add_user("sleepy");
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let stream = socket.connect(gw.addr).await.expect("connect");
-    let (mut ws, _) = tokio_tungstenite::client_async(
-        gw.ws_url(&tok),
-        tokio_tungstenite::MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .expect("handshake");
-    ping_pong(&mut ws).await;
+    let mut ws = connect_small_buffer(&gw, &tok).await;
 
     // 9.6 MB while the client reads nothing: more than the socket buffers and actix-ws's
     // channel hold, so the session keeps the rest in its backlog and must drain it once the

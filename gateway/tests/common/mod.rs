@@ -749,6 +749,20 @@ pub async fn connect_ready(gw: &TestGateway, token: &str) -> Ws {
     ws
 }
 
+/// Connects through a socket with a tiny receive buffer (4 KiB), so the server's writes back up
+/// as soon as the client stops reading; waits for the first pong like [`connect_ready`].
+pub async fn connect_small_buffer(gw: &TestGateway, token: &str) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let stream = socket.connect(gw.addr).await.expect("connect");
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(gw.ws_url(token), MaybeTlsStream::Plain(stream))
+            .await
+            .expect("handshake");
+    ping_pong(&mut ws).await;
+    ws
+}
+
 pub async fn send_json(ws: &mut Ws, v: Value) {
     ws.send(WsMessage::text(v.to_string())).await.expect("send");
 }
