@@ -74,11 +74,16 @@ impl PresenceTracker {
         self.wake.notify_one();
     }
 
-    /// The marked users and their waiters, atomically.
+    /// The marked users and their waiters, atomically. Waiters of users not marked (their
+    /// report failed and waits for its retry) stay.
     fn take(&self) -> (Vec<String>, Waiters) {
         let mut pending = self.lock();
-        let dirty = pending.dirty.drain().collect();
-        (dirty, std::mem::take(&mut pending.waiters))
+        let dirty: Vec<String> = pending.dirty.drain().collect();
+        let waiters = dirty
+            .iter()
+            .filter_map(|user| pending.waiters.remove_entry(user))
+            .collect();
+        (dirty, waiters)
     }
 
     /// Puts back waiters a round could not release (their users' reports failed).
