@@ -60,7 +60,7 @@ impl PresenceTracker {
 
     /// Marks `user_id` and has `ready` sent once a reporter round that started after this call
     /// reconciled the user (reported them, or found nothing to report). A failed report keeps
-    /// the waiter until a retry succeeds; dropping the reporter drops it.
+    /// the waiter until a retry succeeds; when the reporter stops, it drops every waiter left.
     pub fn mark_and_notify(&self, user_id: &str, ready: oneshot::Sender<()>) {
         {
             let mut pending = self.lock();
@@ -95,6 +95,11 @@ impl PresenceTracker {
                 pending.waiters.entry(user).or_default().extend(list);
             }
         }
+    }
+
+    /// Drops every waiter: nobody will report their users any more.
+    fn abandon(&self) {
+        self.lock().waiters.clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
@@ -199,6 +204,8 @@ pub(crate) async fn run_reporter<L: PresenceService + Clone>(
         }
     }
 
+    // Upgrades still waiting (their reports failed) go ahead unreported.
+    shared.presence.abandon();
     // Shutdown: this gateway's users are offline here now.
     let goodbye = futures::stream::iter(reported)
         .map(|user| {
@@ -285,5 +292,51 @@ async fn refresh_all<L: PresenceService>(
         if let Err(status) = logic.refresh_presence(tonic::Request::new(req)).await {
             tracing::warn!(cause = %status.message(), users = chunk.len(), "presence: RefreshPresence failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_takes_only_the_waiters_of_the_users_it_takes() {
+        let tracker = PresenceTracker::default();
+        let (tx, mut rx) = oneshot::channel();
+        tracker.mark_and_notify("alice", tx);
+        let (dirty, waiters) = tracker.take();
+        assert_eq!(dirty, vec!["alice".to_owned()]);
+        // Alice's report failed: her waiter is kept for the retry.
+        tracker.keep_waiting(waiters);
+        // A round with nobody marked neither releases nor drops it.
+        let (dirty, waiters) = tracker.take();
+        assert!(dirty.is_empty() && waiters.is_empty());
+        assert!(matches!(
+            rx.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        // The retry marks her again and its round gets the waiter back.
+        tracker.mark("alice");
+        let (_, mut waiters) = tracker.take();
+        release(&mut waiters, "alice");
+        assert_eq!(rx.try_recv(), Ok(()));
+    }
+
+    #[test]
+    fn abandoned_waiters_are_dropped_and_closed_ones_not_kept() {
+        let tracker = PresenceTracker::default();
+        let (gone_tx, gone_rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
+        tracker.mark_and_notify("alice", gone_tx);
+        tracker.mark_and_notify("alice", tx);
+        drop(gone_rx); // that upgrade timed out
+        let (_, waiters) = tracker.take();
+        tracker.keep_waiting(waiters);
+        assert_eq!(tracker.lock().waiters["alice"].len(), 1);
+        tracker.abandon();
+        assert!(matches!(
+            rx.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
     }
 }

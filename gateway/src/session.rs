@@ -281,8 +281,11 @@ impl Session {
             tracing::info!(?cause, reason = ?reason, "closing session");
         }
         if let Some(ws) = self.ws.take() {
-            let backlog = std::mem::take(&mut self.backlog);
-            let backlog = if drain { backlog } else { VecDeque::new() };
+            let backlog = if drain {
+                std::mem::take(&mut self.backlog)
+            } else {
+                VecDeque::new()
+            };
             actix_rt::spawn(close_socket(
                 ws,
                 backlog,

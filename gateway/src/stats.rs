@@ -173,7 +173,7 @@ pub struct StatsSnapshot {
     pub closed_shutdown: u64,
     /// Sessions closed for an oversized frame or a protocol error (1009 / 1002).
     pub closed_protocol: u64,
-    /// Upgrades answered 101 before their user's presence was reported (`presence_wait` ran out).
+    /// Upgrades answered 101 before their user's presence was reported (`presence_wait` ran out, or the gateway was stopping).
     pub presence_late: u64,
     /// `error` frames sent, by code.
     pub ws_errors: BTreeMap<u16, u64>,
@@ -293,10 +293,10 @@ impl GatewayStats {
         });
     }
 
-    /// An upgrade waited `took` for its user's presence report; `on_time`: the report came.
-    pub(crate) fn presence_waited(&self, took: Duration, on_time: bool) {
+    /// An upgrade waited `took` for its user's presence report; `reported`: the report came.
+    pub(crate) fn presence_waited(&self, took: Duration, reported: bool) {
         histogram!(t::GATEWAY_PRESENCE_WAIT).record(took.as_secs_f64());
-        if !on_time {
+        if !reported {
             bump(&self.presence_late);
             counter!(t::GATEWAY_PRESENCE_LATE).increment(1);
         }

@@ -65,12 +65,7 @@ pub(crate) async fn upgrade<L: LogicApi, B: Bus>(
         .max_continuation_size(limit);
     let (upstream_tx, upstream_rx) = mpsc::channel(shared.settings.upstream_inflight.max(1));
     let wait = shared.settings.presence_wait;
-    let (ready_tx, ready_rx) = if wait.is_zero() {
-        (None, None)
-    } else {
-        let (tx, rx) = oneshot::channel();
-        (Some(tx), Some(rx))
-    };
+    let (ready_tx, ready_rx) = (!wait.is_zero()).then(oneshot::channel).unzip();
     let addr = session::start(SessionStart {
         shared: shared.clone(),
         user_id,
@@ -88,15 +83,16 @@ pub(crate) async fn upgrade<L: LogicApi, B: Bus>(
     ));
     if let Some(ready) = ready_rx {
         let started = Instant::now();
-        // An error means the session or the reporter is gone: nothing left to wait for.
-        let on_time = tokio::time::timeout(wait, ready).await.is_ok();
-        shared.stats.presence_waited(started.elapsed(), on_time);
-        if !on_time {
+        // Reported only when the waiter is released: a timeout, or a dropped waiter (the
+        // reporter stopped), opens the connection unreported.
+        let reported = matches!(tokio::time::timeout(wait, ready).await, Ok(Ok(())));
+        shared.stats.presence_waited(started.elapsed(), reported);
+        if !reported {
             tracing::warn!(
                 trace_id = %trace.as_str(),
-                waited_ms = wait.as_millis() as u64,
-                "presence not reported in time; upgrading anyway (messages stored meanwhile \
-                 reach this connection only by resync)"
+                waited_ms = started.elapsed().as_millis() as u64,
+                "presence not reported; upgrading anyway (messages stored meanwhile reach this \
+                 connection only by resync)"
             );
         }
     }
