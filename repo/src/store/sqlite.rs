@@ -155,16 +155,17 @@ impl SqliteStore {
 
 /// The SQLite save path, on the sync connection (diesel's sync query methods, not diesel-async's).
 mod sync_save {
-    use std::collections::{BTreeSet, HashMap};
+    use std::collections::BTreeSet;
 
     use diesel::prelude::*;
+    use diesel::sql_types::{BigInt, Text};
 
     use super::super::sql::{
-        INSERT_CHUNK, NewConversation, NewReadPointer, Prepared, TxError, insert_failure,
-        newest_per_conversation, newest_per_sender,
+        INSERT_CHUNK, NewConversation, Prepared, TxError, insert_failure, newest_per_conversation,
+        newest_per_sender,
     };
     use crate::model::{Message, SaveOutcome};
-    use crate::schema::{conversations, messages, user_read_pointers};
+    use crate::schema::{conversations, messages};
 
     /// Most messages a merged group commit takes; above it, batches go one by one.
     const MERGE_MAX_MESSAGES: usize = 4096;
@@ -182,7 +183,7 @@ mod sync_save {
         insert_rows(c, &rows)?;
         advance_conversations(c, &rows, p.now)?;
         if p.mark_read {
-            mark_read(c, newest_per_sender(&rows), p.now)?;
+            mark_read(c, &newest_per_sender(&rows), p.now)?;
         }
         Ok(outcomes)
     }
@@ -222,25 +223,24 @@ mod sync_save {
         let stored = find_stored(c, &ids, &[], &[])?;
         let mut answers = Vec::with_capacity(batches.len());
         let mut rows: Vec<Message> = Vec::new();
-        let mut read: HashMap<(i64, String), i64> = HashMap::new();
+        // Where the rows of the batches that move their senders' read pointers lie in `rows`.
+        let mut read_ranges = Vec::new();
         for p in batches {
             let (outcomes, fresh) = p.plan(stored.clone());
             if p.mark_read {
-                for (user, conv, seq) in newest_per_sender(&fresh) {
-                    let e = read.entry((user, conv.to_owned())).or_insert(seq);
-                    *e = (*e).max(seq);
-                }
+                read_ranges.push(rows.len()..rows.len() + fresh.len());
             }
             rows.extend(fresh);
             answers.push(outcomes);
         }
         insert_rows(c, &rows)?;
         advance_conversations(c, &rows, now)?;
-        mark_read(
-            c,
-            read.iter().map(|((u, conv), s)| (*u, conv.as_str(), *s)),
-            now,
-        )?;
+        // Two batches may move one pointer; `mark_read` keeps the higher seq.
+        let read: Vec<(i64, &str, i64)> = read_ranges
+            .into_iter()
+            .flat_map(|range| newest_per_sender(&rows[range]))
+            .collect();
+        mark_read(c, &read, now)?;
         Ok(Some(answers))
     }
 
@@ -296,8 +296,7 @@ mod sync_save {
     fn ids_by_keys(c: &mut SqliteConnection, pairs: &[(i64, &str)]) -> Result<Vec<i64>, TxError> {
         let mut ids = Vec::new();
         for chunk in pairs.chunks(INSERT_CHUNK) {
-            let json = serde_json::to_string(chunk)
-                .map_err(|e| TxError::Store(crate::store::StoreError::Database(e.to_string())))?;
+            let json = json_param(&chunk)?;
             let rows: Vec<IdRow> = diesel::sql_query(
                 "SELECT id FROM messages WHERE (sender_id, client_msg_id) IN \
                  (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') \
@@ -320,58 +319,176 @@ mod sync_save {
         Ok(())
     }
 
-    /// Moves each conversation's last seq and message forward to its newest row.
+    /// `values` as one JSON text parameter, which the statements below read with `json_each`:
+    /// a set of rows bound as one value, so one prepared statement serves any number of them.
+    fn json_param(values: &impl serde::Serialize) -> Result<String, TxError> {
+        serde_json::to_string(values)
+            .map_err(|e| TxError::Store(crate::store::StoreError::Database(e.to_string())))
+    }
+
+    /// Moves each conversation's last seq and message forward to its newest row: one
+    /// `UPDATE .. FROM` per 500 conversations (each row one primary-key probe), not one
+    /// statement per conversation. A row whose conversation already went further stays.
     fn advance_conversations(
         c: &mut SqliteConnection,
         rows: &[Message],
         now: i64,
     ) -> Result<(), TxError> {
-        for m in newest_per_conversation(rows) {
-            diesel::update(
-                conversations::table
-                    .filter(conversations::id.eq(&m.conversation_id))
-                    .filter(conversations::last_seq.lt(m.seq_id)),
+        let newest: Vec<(&str, i64, i64, i64)> = newest_per_conversation(rows)
+            .into_iter()
+            .map(|m| (m.conversation_id.as_str(), m.seq_id, m.id, m.created_at))
+            .collect();
+        for chunk in newest.chunks(INSERT_CHUNK) {
+            diesel::sql_query(
+                "UPDATE conversations SET last_seq = v.seq, last_message_id = v.id, \
+                 last_message_at = v.at, updated_at = ? \
+                 FROM (SELECT json_extract(value, '$[0]') AS cid, \
+                 json_extract(value, '$[1]') AS seq, json_extract(value, '$[2]') AS id, \
+                 json_extract(value, '$[3]') AS at FROM json_each(?)) AS v \
+                 WHERE conversations.id = v.cid AND conversations.last_seq < v.seq",
             )
-            .set((
-                conversations::last_seq.eq(m.seq_id),
-                conversations::last_message_id.eq(Some(m.id)),
-                conversations::last_message_at.eq(m.created_at),
-                conversations::updated_at.eq(now),
-            ))
+            .bind::<BigInt, _>(now)
+            .bind::<Text, _>(json_param(&chunk)?)
             .execute(c)?;
         }
         Ok(())
     }
 
-    /// Moves read pointers forward (creating missing ones).
-    fn mark_read<'a>(
+    /// Moves read pointers forward, creating missing ones: one upsert per 500 pointers. A
+    /// pointer already at or past its new seq stays. `pointers` may name one pointer twice;
+    /// the higher seq wins.
+    fn mark_read(
         c: &mut SqliteConnection,
-        pointers: impl IntoIterator<Item = (i64, &'a str, i64)>,
+        pointers: &[(i64, &str, i64)],
         now: i64,
     ) -> Result<(), TxError> {
-        for (user, conv, seq) in pointers {
-            let forward = diesel::update(
-                user_read_pointers::table
-                    .filter(user_read_pointers::user_id.eq(user))
-                    .filter(user_read_pointers::conversation_id.eq(conv))
-                    .filter(user_read_pointers::last_read_seq_id.lt(seq)),
+        for chunk in pointers.chunks(INSERT_CHUNK) {
+            // `WHERE true` tells SQLite's parser the SELECT ends before ON CONFLICT.
+            diesel::sql_query(
+                "INSERT INTO user_read_pointers \
+                 (user_id, conversation_id, last_read_seq_id, updated_at) \
+                 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), \
+                 json_extract(value, '$[2]'), ? FROM json_each(?) WHERE true \
+                 ON CONFLICT (user_id, conversation_id) DO UPDATE \
+                 SET last_read_seq_id = excluded.last_read_seq_id, updated_at = excluded.updated_at \
+                 WHERE excluded.last_read_seq_id > user_read_pointers.last_read_seq_id",
             )
-            .set((
-                user_read_pointers::last_read_seq_id.eq(seq),
-                user_read_pointers::updated_at.eq(now),
-            ));
-            if forward.execute(c)? == 0 {
-                diesel::insert_or_ignore_into(user_read_pointers::table)
-                    .values(&NewReadPointer {
-                        user_id: user,
-                        conversation_id: conv,
-                        last_read_seq_id: seq,
-                        updated_at: now,
-                    })
-                    .execute(c)?;
-            }
+            .bind::<BigInt, _>(now)
+            .bind::<Text, _>(json_param(&chunk)?)
+            .execute(c)?;
         }
         Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use diesel_migrations::MigrationHarness;
+
+        use super::*;
+
+        fn conn() -> SqliteConnection {
+            let mut c = SqliteConnection::establish(":memory:").expect("in-memory sqlite");
+            c.run_pending_migrations(super::super::MIGRATIONS)
+                .expect("migrations");
+            c
+        }
+
+        fn row(id: i64, conv: &str, seq: i64, at: i64) -> Message {
+            Message {
+                id,
+                conversation_id: conv.to_owned(),
+                sender_id: 1,
+                message_type: 1,
+                content: String::new(),
+                seq_id: seq,
+                client_msg_id: None,
+                created_at: at,
+            }
+        }
+
+        fn conversation(c: &mut SqliteConnection, id: &str) -> (i64, Option<i64>, i64, i64) {
+            conversations::table
+                .find(id)
+                .select((
+                    conversations::last_seq,
+                    conversations::last_message_id,
+                    conversations::last_message_at,
+                    conversations::updated_at,
+                ))
+                .first(c)
+                .expect("conversation row")
+        }
+
+        fn pointer(c: &mut SqliteConnection, user: i64, conv: &str) -> Option<(i64, i64)> {
+            use crate::schema::user_read_pointers as p;
+            p::table
+                .filter(p::user_id.eq(user))
+                .filter(p::conversation_id.eq(conv))
+                .select((p::last_read_seq_id, p::updated_at))
+                .first(c)
+                .optional()
+                .expect("pointer query")
+        }
+
+        /// Conversation rows move to their newest row and never back; rows of conversations
+        /// that do not exist change nothing.
+        #[test]
+        fn conversations_advance_only_forward() {
+            let mut c = conn();
+            let new = |id: &str| NewConversation {
+                id: id.to_owned(),
+                kind: 1,
+                group_id: None,
+                last_message_at: 0,
+                created_at: 0,
+                updated_at: 0,
+            };
+            create_conversations(&mut c, &[new("s_1_2"), new("s_1_3")]).expect("create");
+            let rows = [
+                row(10, "s_1_2", 1, 100),
+                row(11, "s_1_2", 2, 101),
+                row(12, "s_1_3", 5, 102),
+                row(13, "s_9_9", 1, 103),
+            ];
+            advance_conversations(&mut c, &rows, 7).expect("advance");
+            assert_eq!(conversation(&mut c, "s_1_2"), (2, Some(11), 101, 7));
+            assert_eq!(conversation(&mut c, "s_1_3"), (5, Some(12), 102, 7));
+            advance_conversations(
+                &mut c,
+                &[row(20, "s_1_3", 4, 200), row(21, "s_1_2", 3, 201)],
+                8,
+            )
+            .expect("advance again");
+            assert_eq!(
+                conversation(&mut c, "s_1_3"),
+                (5, Some(12), 102, 7),
+                "stays"
+            );
+            assert_eq!(
+                conversation(&mut c, "s_1_2"),
+                (3, Some(21), 201, 8),
+                "moves"
+            );
+        }
+
+        /// Pointers are created, moved forward, never moved back, and of one pointer named
+        /// twice in a statement the higher seq wins in either order.
+        #[test]
+        fn read_pointers_move_only_forward() {
+            let mut c = conn();
+            mark_read(&mut c, &[(1, "s_1_2", 3), (2, "g_9", 5), (2, "g_9", 4)], 10)
+                .expect("create");
+            assert_eq!(pointer(&mut c, 1, "s_1_2"), Some((3, 10)));
+            assert_eq!(pointer(&mut c, 2, "g_9"), Some((5, 10)));
+            mark_read(&mut c, &[(1, "s_1_2", 2), (2, "g_9", 4), (2, "g_9", 6)], 11).expect("move");
+            assert_eq!(pointer(&mut c, 1, "s_1_2"), Some((3, 10)), "not back");
+            assert_eq!(pointer(&mut c, 2, "g_9"), Some((6, 11)));
+            assert_eq!(pointer(&mut c, 1, "g_9"), None);
+            let many: Vec<(i64, &str, i64)> = (0..1200).map(|u| (u, "w", u + 1)).collect();
+            mark_read(&mut c, &many, 12).expect("more than one chunk");
+            assert_eq!(pointer(&mut c, 1199, "w"), Some((1200, 12)));
+            assert_eq!(pointer(&mut c, 0, "w"), Some((1, 12)));
+        }
     }
 }
 
@@ -629,6 +746,26 @@ mod tests {
         assert_eq!((conv.last_seq, conv.last_message_id), (1, Some(13)));
         assert_eq!(store.read_pointer(1, "s_1_2").await.expect("pointer"), 3);
         assert_eq!(store.read_pointer(1, "g_9").await.expect("pointer"), 1);
+
+        // Existing rows move forward: the conversation rows and the read pointers.
+        let mut other = msg(41, "g_9", 2, None);
+        other.sender_id = 2;
+        let (how, _) = group_commit(
+            &store,
+            &[vec![msg(40, "s_1_2", 4, None)], vec![other]],
+            true,
+        )
+        .await;
+        assert_eq!(how, Stored::Merged);
+        let conv = store
+            .get_conversation("s_1_2")
+            .await
+            .expect("get")
+            .expect("row");
+        assert_eq!((conv.last_seq, conv.last_message_id), (4, Some(40)));
+        assert_eq!(store.read_pointer(1, "s_1_2").await.expect("pointer"), 4);
+        assert_eq!(store.read_pointer(1, "g_9").await.expect("pointer"), 1);
+        assert_eq!(store.read_pointer(2, "g_9").await.expect("pointer"), 2);
 
         // One key in two batches: one by one, the second is a duplicate of the first.
         let (how, results) = group_commit(
