@@ -7,6 +7,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gochat_infra::config::Config;
 
+/// jemalloc instead of glibc malloc: delivery allocates and frees many small, short-lived
+/// buffers across threads, where glibc spent about a quarter of the server's CPU
+/// (docs/benchmarks.md, sixth session).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// gochat: an actor-based instant-messaging backend.
 #[derive(Debug, Parser)]
 #[command(version, about)]
