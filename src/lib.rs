@@ -272,7 +272,10 @@ pub async fn serve(
         let logic = logic.clone();
         let partitions = config.bus.partitions;
         let rx = stop_rx.clone();
-        actix_rt::spawn(async move { logic.run_upstream(partitions, stopped(rx)).await })
+        // A thread of its own: every message passes through this consumer.
+        gochat_infra::rt::OwnThread::spawn(async move {
+            logic.run_upstream(partitions, stopped(rx)).await
+        })
     };
     let task_service = gochat_task::TaskService::new(
         gochat_task::TaskSettings {
@@ -313,8 +316,8 @@ pub async fn serve(
     // The gateway is down: let the consumers finish what they hold, then close the bus.
     let _ = stop_tx.send(true);
     let grace = Duration::from_secs(10);
-    match tokio::time::timeout(grace, upstream).await {
-        Ok(Ok(Err(e))) => tracing::warn!(cause = %e, "upstream consumer ended with an error"),
+    match tokio::time::timeout(grace, upstream.join()).await {
+        Ok(Some(Err(e))) => tracing::warn!(cause = %e, "upstream consumer ended with an error"),
         Err(_) => tracing::warn!("upstream consumer did not finish within the grace period"),
         _ => {}
     }

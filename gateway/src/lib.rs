@@ -170,7 +170,9 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
         let shared = Arc::new(Shared::new(settings, stats));
         let cancel = CancellationToken::new();
 
-        let consumer = actix_rt::spawn(downstream::run_consumer(
+        // The consumer (parse, frame, hand to sessions: every delivery passes through it) gets
+        // a thread of its own instead of sharing the `System` thread.
+        let consumer = gochat_infra::rt::OwnThread::spawn(downstream::run_consumer(
             Arc::clone(&shared),
             bus.clone(),
             cancel.clone(),
@@ -214,7 +216,7 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
         };
         if let Some(res) = stopped_early {
             cancel.cancel();
-            let _ = consumer.await;
+            let _ = consumer.join().await;
             let _ = reporter.await;
             return res;
         }
@@ -233,7 +235,7 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
         tokio::select! {
             res = &mut server => {
                 cancel.cancel();
-                let _ = consumer.await;
+                let _ = consumer.join().await;
                 let _ = reporter.await;
                 return res;
             }
@@ -241,7 +243,7 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
         }
         cancel.cancel();
         let (_, res) = tokio::join!(handle.stop(true), server);
-        let _ = consumer.await;
+        let _ = consumer.join().await;
         let _ = reporter.await;
         tracing::info!("gateway stopped");
         res

@@ -4,6 +4,7 @@
 //! - [`error`]: the spec's numeric error codes, the `ErrorResponse` body, and the one place that
 //!   maps codes to gRPC status and HTTP status (and back from a gRPC status).
 //! - [`ids`]: snowflake message/user/group ids and the conversation-id scheme.
+//! - [`rt`]: a long-lived future on a thread of its own.
 //! - [`rpc`]: deadlines, retries of idempotent calls and trace ids for gRPC between services.
 //! - [`telemetry`]: metric names and the process's Prometheus recorder.
 //! - [`time`]: Unix-millisecond clock helpers.
@@ -14,6 +15,7 @@ pub mod error;
 pub mod ids;
 pub mod mq;
 pub mod rpc;
+pub mod rt;
 pub mod telemetry;
 pub mod time;
 pub mod wire;

@@ -10,6 +10,12 @@ use gochat_load::report::Outcome;
 use gochat_load::users::{self, UserOptions};
 use gochat_load::{chat, churn, fanout, guard, repo_bench, storm};
 
+/// The generator shares the machine's cores with the server it measures, so it uses the
+/// allocator the server uses (src/main.rs): less of its CPU goes to glibc malloc, and `repo`
+/// measures the store with the server's allocator.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// gochat's load generator.
 #[derive(Debug, Parser)]
 #[command(version, about)]
