@@ -112,6 +112,11 @@ async fn metrics_and_admin_after_real_traffic() {
         "gochat_store_duration_seconds_count{op=\"save_batch\"}",
         1.0,
     );
+    // The embedded store's group commits: how busy its one writer is.
+    at_least(
+        "gochat_store_duration_seconds_count{op=\"sqlite_group_commit\"}",
+        1.0,
+    );
     at_least("gochat_cache_duration_seconds_count{op=\"seq_incr\"}", 1.0);
     at_least("gochat_batch_size_count{kind=\"conversation\"}", 1.0);
     at_least(

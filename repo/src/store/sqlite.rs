@@ -528,8 +528,12 @@ async fn commit_loop(inner: Arc<Inner>) {
         };
         histogram!(t::BATCH_SIZE, "kind" => "sqlite_commit").record(queued.len() as f64);
         // Outcomes are sent from the blocking call itself, after the commit.
+        let started = std::time::Instant::now();
         let done = conn.spawn_blocking(move |c| Ok(commit_group(c, queued)));
-        match done.await {
+        let done = done.await;
+        histogram!(t::STORE_SECONDS, "op" => "sqlite_group_commit")
+            .record(started.elapsed().as_secs_f64());
+        match done {
             Ok(how) => counter!(t::STORE_GROUP_COMMITS, "how" => how.label()).increment(1),
             Err(e) => tracing::error!(cause = %e, "the sqlite writer failed"),
         }
