@@ -39,6 +39,7 @@ use gochat_logic::client::LogicClient;
 use gochat_repo::client::RepoClient;
 use gochat_task::LiveGateways;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 /// Service names in discovery.
 pub const REPO_SERVICE: &str = "repo";
@@ -165,6 +166,9 @@ async fn release(hold: Option<Registration>, what: &str) {
 /// (a taken port fails the start) with `/admin` once the service is up ([`Ops::attach`]).
 struct Ops {
     slot: Option<AdminSlot>,
+    /// The metrics upkeep and lag sampler; dropping `Ops` (at the end of the service's run)
+    /// aborts them.
+    background: JoinSet<()>,
 }
 
 impl Ops {
@@ -172,21 +176,28 @@ impl Ops {
     /// is set.
     fn bind(config: &Config, listen: &str) -> anyhow::Result<Self> {
         let handle = telemetry::install();
-        tokio::spawn(upkeep(handle.clone()));
+        let mut background = JoinSet::new();
+        background.spawn(upkeep(handle.clone()));
         if listen.trim().is_empty() {
-            return Ok(Self { slot: None });
+            return Ok(Self {
+                slot: None,
+                background,
+            });
         }
         let listener = std::net::TcpListener::bind(listen.trim())
             .with_context(|| format!("cannot listen on {listen} (metrics)"))?;
         let slot = gochat_gateway::spawn_ops_server(listener, handle, config.admin.token.clone())
             .with_context(|| format!("serving metrics on {listen}"))?;
-        Ok(Self { slot: Some(slot) })
+        Ok(Self {
+            slot: Some(slot),
+            background,
+        })
     }
 
     /// The service is up: reads its consumer lag from now on, and `/admin` shows `admin`.
-    fn attach(&self, admin: ProcessAdmin) {
+    fn attach(&mut self, admin: ProcessAdmin) {
         let admin = Arc::new(admin);
-        tokio::spawn(sample_lag(Arc::clone(&admin)));
+        self.background.spawn(sample_lag(Arc::clone(&admin)));
         if let Some(slot) = &self.slot {
             let _ = slot.set(admin);
         }
@@ -197,7 +208,7 @@ impl Ops {
 /// offsets and a watermark request per partition, on a blocking thread).
 const LAG_EVERY: Duration = Duration::from_secs(5);
 
-/// Until the process ends: folds histogram samples into their buckets every second
+/// Until aborted (the service's run ends): folds histogram samples into their buckets every second
 /// (`run_upkeep`), whether or not anyone scrapes.
 async fn upkeep(handle: PrometheusHandle) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -208,7 +219,7 @@ async fn upkeep(handle: PrometheusHandle) {
     }
 }
 
-/// Until the process ends: reads the consumer lag of `admin`'s group from Kafka every
+/// Until aborted (the service's run ends): reads the consumer lag of `admin`'s group from Kafka every
 /// [`LAG_EVERY`] (on its own task, so a slow broker holds nothing else back).
 async fn sample_lag(admin: Arc<ProcessAdmin>) {
     let mut tick = tokio::time::interval(LAG_EVERY);
@@ -324,7 +335,7 @@ pub async fn run_repo(
     data_dir: &Path,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    Ops::bind(&config, &config.repo.metrics_listen)?;
+    let _ops = Ops::bind(&config, &config.repo.metrics_listen)?;
     let discovery = discovery(&config).await?;
     let ttl = lease_ttl(&config);
     let (node, node_hold) = node_id(&discovery, "repo-node", config.repo.node_id, ttl).await?;
@@ -356,7 +367,7 @@ pub async fn run_logic(
     jwt_secret: String,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let ops = Ops::bind(&config, &config.logic.metrics_listen)?;
+    let mut ops = Ops::bind(&config, &config.logic.metrics_listen)?;
     let discovery = discovery(&config).await?;
     let ttl = lease_ttl(&config);
     let (node, node_hold) = node_id(&discovery, "logic-node", config.logic.node_id, ttl).await?;
@@ -485,8 +496,10 @@ pub async fn run_gateway(
         &gochat_gateway::consumer_group(&id),
         &downstream_topic(&id),
     ));
-    tokio::spawn(upkeep(metrics.clone()));
-    tokio::spawn(sample_lag(Arc::clone(&admin)));
+    // Aborted when this function returns (dropped with the set).
+    let mut background = JoinSet::new();
+    background.spawn(upkeep(metrics.clone()));
+    background.spawn(sample_lag(Arc::clone(&admin)));
     let served = gochat_gateway::Gateway::new(crate::gateway_settings(&config), logic, bus)
         .with_metrics(metrics)
         .with_admin(admin)
@@ -512,7 +525,7 @@ impl LiveGateways for WatchedGateways {
 /// `gochat task`: fanout of big groups and the world room, from `im-task-topic`; repo through
 /// discovery; the world room goes to every live gateway. Runs inside an actix `System`.
 pub async fn run_task(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let ops = Ops::bind(&config, &config.task.metrics_listen)?;
+    let mut ops = Ops::bind(&config, &config.task.metrics_listen)?;
     let discovery = discovery(&config).await?;
     let bus = kafka(&config, &format!("gochat-task-{}", std::process::id())).await?;
     let repo = RepoClient::new(
