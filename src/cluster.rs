@@ -208,8 +208,8 @@ impl Ops {
 /// offsets and a watermark request per partition, on a blocking thread).
 const LAG_EVERY: Duration = Duration::from_secs(5);
 
-/// Until aborted (the service's run ends): folds histogram samples into their buckets every second
-/// (`run_upkeep`), whether or not anyone scrapes.
+/// Until aborted (the service's run ends): folds histogram samples into their buckets every
+/// second (`run_upkeep`), whether or not anyone scrapes.
 async fn upkeep(handle: PrometheusHandle) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -219,8 +219,8 @@ async fn upkeep(handle: PrometheusHandle) {
     }
 }
 
-/// Until aborted (the service's run ends): reads the consumer lag of `admin`'s group from Kafka every
-/// [`LAG_EVERY`] (on its own task, so a slow broker holds nothing else back).
+/// Until aborted (the service's run ends): reads the consumer lag of `admin`'s group from
+/// Kafka every [`LAG_EVERY`] (on its own task, so a slow broker holds nothing else back).
 async fn sample_lag(admin: Arc<ProcessAdmin>) {
     let mut tick = tokio::time::interval(LAG_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -11,8 +11,9 @@ use std::future::Future;
 use actix_rt::Arbiter;
 use tokio::sync::oneshot;
 
-/// A future running on an [`Arbiter`] of its own; [`OwnThread::join`] waits for its output
-/// and stops the arbiter.
+/// A future running on an [`Arbiter`] of its own. [`OwnThread::join`] waits for its output;
+/// dropping the handle (joined or not, for instance when a join times out) stops the arbiter,
+/// which drops the future if it is still running.
 #[derive(Debug)]
 pub struct OwnThread<T> {
     arbiter: Arbiter,
@@ -35,10 +36,14 @@ impl<T: Send + 'static> OwnThread<T> {
 
     /// The future's output, once it finished; `None` if it can no longer finish (its arbiter
     /// stopped, or the future panicked).
-    pub async fn join(self) -> Option<T> {
-        let out = self.done.await.ok();
+    pub async fn join(mut self) -> Option<T> {
+        (&mut self.done).await.ok()
+    }
+}
+
+impl<T> Drop for OwnThread<T> {
+    fn drop(&mut self) {
         self.arbiter.stop();
-        out
     }
 }
 
@@ -60,5 +65,19 @@ mod tests {
             panic!("on purpose");
         });
         assert_eq!(task.join().await, None::<()>);
+    }
+
+    #[actix_rt::test]
+    async fn dropping_the_handle_stops_a_future_that_never_ends() {
+        let (alive, gone) = oneshot::channel::<()>();
+        let task = OwnThread::spawn(async move {
+            let _alive = alive;
+            std::future::pending::<()>().await;
+        });
+        drop(task);
+        // `gone` resolves (closed) only once the future, holding `alive`, was dropped; the
+        // timeout keeps a regression from hanging the suite.
+        let dropped = tokio::time::timeout(std::time::Duration::from_secs(30), gone).await;
+        assert!(matches!(dropped, Ok(Err(_))), "{dropped:?}");
     }
 }

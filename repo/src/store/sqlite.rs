@@ -529,8 +529,9 @@ async fn commit_loop(inner: Arc<Inner>) {
         histogram!(t::BATCH_SIZE, "kind" => "sqlite_commit").record(queued.len() as f64);
         // Outcomes are sent from the blocking call itself, after the commit.
         let started = std::time::Instant::now();
-        let done = conn.spawn_blocking(move |c| Ok(commit_group(c, queued)));
-        let done = done.await;
+        let done = conn
+            .spawn_blocking(move |c| Ok(commit_group(c, queued)))
+            .await;
         histogram!(t::STORE_SECONDS, "op" => "sqlite_group_commit")
             .record(started.elapsed().as_secs_f64());
         match done {
