@@ -94,7 +94,7 @@ async fn pause(cancel: &CancellationToken) -> bool {
 /// Delivers one record to the local sessions it targets.
 pub(crate) fn dispatch(shared: &Shared, record: &Record) {
     shared.stats.downstream_record();
-    let msg: DownstreamMessage = match serde_json::from_slice(&record.payload) {
+    let msg = match record.payload.decode::<DownstreamMessage>() {
         Ok(m) => m,
         Err(e) => {
             shared.stats.downstream_malformed();
@@ -103,6 +103,7 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
             return;
         }
     };
+    let msg: &DownstreamMessage = &msg;
     let _span =
         tracing::debug_span!("downstream", trace_id = %msg.trace_id, kind = ?msg.kind).entered();
     let registry = &shared.registry;
@@ -117,7 +118,7 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
             let text = server_frame(
                 frames::NEW_MESSAGE,
                 shared.next_id(),
-                NewMessageData::from(&msg),
+                NewMessageData::from(msg),
                 now,
             );
             let delivery = frame(
@@ -143,10 +144,10 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
             let text = server_frame(
                 frames::MESSAGE_ACK,
                 shared.next_id(),
-                MessageAckData::from(&msg),
+                MessageAckData::from(msg),
                 now,
             );
-            to_target_session(shared, &msg, frame(frames::MESSAGE_ACK, text, None));
+            to_target_session(shared, msg, frame(frames::MESSAGE_ACK, text, None));
         }
         DownstreamKind::Error => {
             let data = ErrorData {
@@ -158,7 +159,7 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
                 shared.stats.ws_error(code);
             }
             let text = server_frame(frames::ERROR, shared.next_id(), data, now);
-            to_target_session(shared, &msg, frame(frames::ERROR, text, None));
+            to_target_session(shared, msg, frame(frames::ERROR, text, None));
         }
         DownstreamKind::OnlineStatus => {
             let data = OnlineStatusData {

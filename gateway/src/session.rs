@@ -38,7 +38,7 @@ use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReaso
 use bytestring::ByteString;
 use futures::{Sink, SinkExt};
 use gochat_infra::ErrorCode;
-use gochat_infra::mq::Producer;
+use gochat_infra::mq::{Payload, Producer};
 use gochat_infra::time::now_ms;
 use gochat_infra::wire::{HEADER_SESSION, UPSTREAM_TOPIC, UpstreamMessage};
 use tokio::sync::{mpsc, oneshot};
@@ -121,7 +121,7 @@ pub(crate) struct Session {
     flush_waker: Option<Waker>,
     /// Sends for the publisher (bounded). Boxed: a channel allocates room for 32 items when it
     /// is made, and 32 unboxed messages would cost every idle connection about 6 KiB.
-    upstream: mpsc::Sender<Box<UpstreamMessage>>,
+    upstream: mpsc::Sender<Arc<UpstreamMessage>>,
     /// The delivery queue's sender, handed to the registry in `started`.
     deliveries: Option<mpsc::Sender<Delivery>>,
     /// Told once this user's presence is reported (the upgrade waits for it), from `started`.
@@ -143,7 +143,7 @@ pub(crate) struct SessionStart {
     pub user_id: String,
     pub ws: actix_ws::Session,
     pub stream: AggregatedMessageStream,
-    pub upstream: mpsc::Sender<Box<UpstreamMessage>>,
+    pub upstream: mpsc::Sender<Arc<UpstreamMessage>>,
     pub trace_id: String,
     /// Sent once the user's presence is reported after this session joined the registry.
     pub presence_ready: Option<oneshot::Sender<()>>,
@@ -472,7 +472,7 @@ impl Session {
             (HEADER_SESSION.to_owned(), self.id.to_string()),
             (HEADER_TRACE.to_owned(), trace_id.clone()),
         ]);
-        let upstream = Box::new(UpstreamMessage {
+        let upstream = Arc::new(UpstreamMessage {
             trace_id,
             user_id: self.user_id.to_string(),
             gateway_id: self.shared.settings.gateway_id.clone(),
@@ -624,25 +624,22 @@ impl Handler<PublishFailed> for Session {
 /// Publishes one session's sends to the upstream topic, in order, keyed by conversation.
 pub(crate) async fn publish_loop<P: Producer>(
     bus: P,
-    mut rx: mpsc::Receiver<Box<UpstreamMessage>>,
+    mut rx: mpsc::Receiver<Arc<UpstreamMessage>>,
     session: Addr<Session>,
     stats: Arc<GatewayStats>,
 ) {
     while let Some(msg) = rx.recv().await {
         let headers = msg.headers.clone();
-        let result = match serde_json::to_vec(&msg) {
-            Ok(payload) => bus
-                .send(UPSTREAM_TOPIC, &msg.conversation_id, payload, headers)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let payload = Payload::shared(Arc::clone(&msg));
+        let result = bus
+            .send(UPSTREAM_TOPIC, &msg.conversation_id, payload, headers)
+            .await;
         match result {
             Ok(()) => stats.published(),
             Err(cause) => {
                 tracing::warn!(trace_id = %msg.trace_id, %cause, "publishing upstream failed");
                 session.do_send(PublishFailed {
-                    client_msg_id: msg.client_msg_id,
+                    client_msg_id: msg.client_msg_id.clone(),
                     message: "message could not be queued; retry later".to_owned(),
                 });
             }

@@ -145,7 +145,11 @@ async fn refused_frames_get_error_frames_and_the_connection_stays_usable() {
     ping_pong(&mut a).await;
     send_json(&mut a, send_message("s_1_2", &"é".repeat(10), "ok-1")).await;
     let r = next_record(&mut upstream).await;
-    let up: UpstreamMessage = serde_json::from_slice(&r.payload).expect("upstream JSON");
+    let up: UpstreamMessage = r
+        .payload
+        .decode::<UpstreamMessage>()
+        .expect("upstream JSON")
+        .into_owned();
     assert_eq!(
         up.client_msg_id, "ok-1",
         "refused sends never reach the bus"
@@ -208,7 +212,11 @@ async fn send_message_is_published_upstream_keyed_by_conversation() {
     let session = r.headers.get("session_id").expect("session header");
     assert!(session.starts_with("gw-1-"), "{session}");
     let trace = r.headers.get("trace_id").expect("trace header");
-    let up: UpstreamMessage = serde_json::from_slice(&r.payload).expect("upstream JSON");
+    let up: UpstreamMessage = r
+        .payload
+        .decode::<UpstreamMessage>()
+        .expect("upstream JSON")
+        .into_owned();
     assert_eq!(up.user_id, alice_id);
     assert_eq!(up.gateway_id, "gw-1");
     assert_eq!(up.conversation_id, "s_101_102");

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gochat_infra::mq::kafka::{KafkaBus, KafkaConfig};
-use gochat_infra::mq::{Bus, Consumer, MqError, Producer, Record};
+use gochat_infra::mq::{Bus, Consumer, MqError, Payload, Producer, Record};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout};
@@ -76,8 +76,8 @@ async fn send(bus: &KafkaBus, topic: &str, key: &str, payload: &str) {
     .expect("send");
 }
 
-fn text(r: &Record) -> &str {
-    std::str::from_utf8(&r.payload).expect("utf-8 payload")
+fn text(r: &Record) -> String {
+    String::from_utf8(r.payload.bytes().expect("bytes").into_owned()).expect("utf-8 payload")
 }
 
 /// murmur2 as the Java client computes it (`Utils.murmur2`), to check that the bus partitions
@@ -408,18 +408,39 @@ async fn headers_key_and_payload_round_trip() {
     )
     .await
     .expect("send");
+    // A typed value travels as its JSON.
+    let value = BTreeMap::from([("seq_id".to_owned(), 7_i64)]);
+    guard(
+        "send",
+        bus.send(
+            &topic,
+            "s_1_2",
+            Payload::value(value.clone()),
+            BTreeMap::new(),
+        ),
+    )
+    .await
+    .expect("send");
 
     let mut member = Member::join(&bus, &unique("headers-group"), &[&topic]).await;
     let first = member.recv().await;
     assert_eq!(first.key, "s_1_2");
-    assert_eq!(first.payload, payload);
+    assert_eq!(first.payload, *payload);
     assert_eq!(first.headers, headers);
     let second = member.recv().await;
     assert_eq!(second.key, "s_1_2");
-    assert!(second.payload.is_empty());
+    assert!(second.payload.bytes().expect("bytes").is_empty());
     assert!(second.headers.is_empty());
     assert_eq!(second.partition, first.partition);
     assert_eq!(second.offset, first.offset + 1);
+    let third = member.recv().await;
+    assert!(!third.payload.is_value());
+    assert_eq!(third.payload, *br#"{"seq_id":7}"#.as_slice());
+    let decoded = third
+        .payload
+        .decode::<BTreeMap<String, i64>>()
+        .expect("decodes");
+    assert_eq!(*decoded, value);
     member.close().await;
 }
 

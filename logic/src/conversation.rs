@@ -862,7 +862,7 @@ impl<R: RepoApi, B: Bus> Core<R, B> {
             client_msg_id: p.up.client_msg_id.clone(),
             ..Default::default()
         };
-        if let Err(e) = self.publish(&p.up.gateway_id, &record).await {
+        if let Err(e) = self.publish(&p.up.gateway_id, record).await {
             tracing::warn!(cause = %e, conv, "could not send an ack");
         }
     }

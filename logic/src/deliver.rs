@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use gochat_infra::ids::ConversationKind;
-use gochat_infra::mq::Bus;
+use gochat_infra::mq::{Bus, Payload};
 use gochat_infra::telemetry;
 use gochat_infra::time::now_ms;
 use gochat_infra::wire::{
@@ -42,21 +42,19 @@ pub fn should_distribute_async(kind: ConversationKind, member_count: i64, thresh
 }
 
 impl<R: RepoApi, B: Bus> Core<R, B> {
-    /// Publishes one downstream record.
+    /// Publishes one downstream record (as a value: JSON on Kafka, handed over as is in process).
     pub(crate) async fn publish(
         &self,
         gateway: &str,
-        record: &DownstreamMessage,
+        record: DownstreamMessage,
     ) -> Result<(), AppError> {
-        let payload =
-            serde_json::to_vec(record).map_err(|e| AppError::internal(format!("encoding: {e}")))?;
-        let mut headers = BTreeMap::new();
-        headers.insert("trace_id".to_owned(), record.trace_id.clone());
+        let headers = BTreeMap::from([("trace_id".to_owned(), record.trace_id.clone())]);
+        let key = record.conversation_id.clone();
         self.bus
             .send(
                 &downstream_topic(gateway),
-                &record.conversation_id,
-                payload,
+                &key,
+                Payload::value(record),
                 headers,
             )
             .await
@@ -79,19 +77,16 @@ impl<R: RepoApi, B: Bus> Core<R, B> {
             timestamp: now_ms(),
             headers: BTreeMap::from([(HEADER_CONTROL.to_owned(), CONTROL_MEMBERSHIP.to_owned())]),
         };
-        let sent = match serde_json::to_vec(&record) {
-            Ok(payload) => self
-                .bus
-                .send(
-                    UPSTREAM_TOPIC,
-                    conversation,
-                    payload,
-                    record.headers.clone(),
-                )
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let headers = record.headers.clone();
+        let sent = self
+            .bus
+            .send(
+                UPSTREAM_TOPIC,
+                conversation,
+                Payload::value(record),
+                headers,
+            )
+            .await;
         if let Err(cause) = sent {
             tracing::warn!(%cause, conversation, user, "could not tell the conversation a member left");
         }
@@ -123,7 +118,7 @@ impl<R: RepoApi, B: Bus> Core<R, B> {
             timestamp: now_ms(),
             ..Default::default()
         };
-        if let Err(e) = self.publish(gateway, &record).await {
+        if let Err(e) = self.publish(gateway, record).await {
             tracing::warn!(cause = %e, %trace_id, "could not send an error frame");
         }
     }
@@ -205,13 +200,19 @@ impl<R: RepoApi, B: Bus> Core<R, B> {
         match route {
             Route::Task(kind) => self.submit_fanout(*kind, &m).await,
             Route::Gateways(located) => {
-                // One record, its targets swapped per gateway: the content is never copied.
-                let mut record = m;
-                for (gateway, users) in located {
+                // A copy per gateway but the last, which takes the message itself.
+                let mut gateways: Vec<_> = located.iter().collect();
+                let Some((last, users)) = gateways.pop() else {
+                    return Ok(());
+                };
+                for (gateway, users) in gateways {
+                    let mut record = m.clone();
                     record.targets.clone_from(users);
-                    self.publish(gateway, &record).await?;
+                    self.publish(gateway, record).await?;
                 }
-                Ok(())
+                let mut record = m;
+                record.targets.clone_from(users);
+                self.publish(last, record).await
             }
         }
     }
@@ -239,12 +240,14 @@ impl<R: RepoApi, B: Bus> Core<R, B> {
             headers: BTreeMap::new(),
             created_at: now_ms(),
         };
-        let payload =
-            serde_json::to_vec(&task).map_err(|e| AppError::internal(format!("encoding: {e}")))?;
-        let mut headers = BTreeMap::new();
-        headers.insert("trace_id".to_owned(), m.trace_id.clone());
+        let headers = BTreeMap::from([("trace_id".to_owned(), m.trace_id.clone())]);
         self.bus
-            .send(TASK_TOPIC, &m.conversation_id, payload, headers)
+            .send(
+                TASK_TOPIC,
+                &m.conversation_id,
+                Payload::value(task),
+                headers,
+            )
             .await
             .map_err(|e| AppError::new(ErrorCode::Unavailable, format!("bus: {e}")))
     }

@@ -41,7 +41,7 @@ impl<R: RepoApi, B: Bus> Core<R, B> {
                 timestamp: now_ms(),
                 ..Default::default()
             };
-            self.publish(&gateway, &record).await?;
+            self.publish(&gateway, record).await?;
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::future::Future;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use gochat_infra::mq::{Bus, Consumer, MqError, Record};
+use gochat_infra::mq::{Bus, Consumer, MqError, Payload, Record};
 use gochat_infra::wire::{UPSTREAM_TOPIC, UpstreamMessage};
 
 use crate::{Logic, RepoApi};
@@ -47,8 +47,9 @@ impl<R: RepoApi, B: Bus> Logic<R, B> {
                     let partition = record.partition;
                     let offset = record.offset;
                     windows.entry(partition).or_default().push_back((offset, false));
-                    match serde_json::from_slice::<UpstreamMessage>(&record.payload) {
+                    match record.payload.decode::<UpstreamMessage>() {
                         Ok(message) => {
+                            let message = message.into_owned();
                             let logic = self.clone();
                             in_flight.push(async move {
                                 let trace = message.trace_id.clone();
@@ -99,7 +100,7 @@ async fn finish<C: Consumer>(
                 partition,
                 offset: o,
                 key: String::new(),
-                payload: Vec::new(),
+                payload: Payload::default(),
                 headers: BTreeMap::new(),
             })
             .await;

@@ -130,7 +130,11 @@ async fn collect<C: Consumer>(
             .expect("a downstream record in time")
             .expect("recv");
         c.commit(&r).await.expect("commit");
-        let m: DownstreamMessage = serde_json::from_slice(&r.payload).expect("downstream json");
+        let m: DownstreamMessage = r
+            .payload
+            .decode::<DownstreamMessage>()
+            .expect("downstream json")
+            .into_owned();
         if m.kind == kind {
             n += 1;
         }

@@ -221,7 +221,7 @@ async fn lane(
 /// Handles one record; true when it may be committed, false when it was abandoned at shutdown.
 async fn handle(record: &Record, cx: &LaneContext) -> bool {
     cx.stats.task();
-    let task: TaskMessage = match serde_json::from_slice(&record.payload) {
+    let task = match record.payload.decode::<TaskMessage>() {
         Ok(t) => t,
         Err(err) => {
             cx.stats.malformed();

@@ -67,7 +67,7 @@ impl TaskError {
                 source.code,
                 ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::RateLimited
             ),
-            Self::Bus(err) => !matches!(err, MqError::Closed),
+            Self::Bus(err) => !matches!(err, MqError::Closed | MqError::Encoding(_)),
             Self::Timeout { .. } | Self::ActorGone => true,
             Self::Config(_)
             | Self::Start(_)
@@ -98,6 +98,7 @@ mod tests {
         assert!(!TaskError::repo("GetGroupMembers", &gone).is_retryable());
         assert!(!TaskError::NoProcessor(TaskType::Push).is_retryable());
         assert!(!TaskError::Bus(MqError::Closed).is_retryable());
+        assert!(!TaskError::Bus(MqError::Encoding("x".into())).is_retryable());
         assert!(TaskError::Bus(MqError::Broker("x".into())).is_retryable());
     }
 }

@@ -267,8 +267,11 @@ async fn drain(bus: &MemoryBus, gateway: &str) -> Vec<(Record, DownstreamMessage
             .expect("a downstream record")
             .expect("recv");
         probe.commit(&record).await.expect("commit");
-        let msg: DownstreamMessage =
-            serde_json::from_slice(&record.payload).expect("a downstream message");
+        let msg: DownstreamMessage = record
+            .payload
+            .decode::<DownstreamMessage>()
+            .expect("a downstream message")
+            .into_owned();
         out.push((record, msg));
     }
     out

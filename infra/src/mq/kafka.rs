@@ -74,7 +74,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
 
-use super::{Bus, Consumer, MqError, Producer, Record};
+use super::{Bus, Consumer, MqError, Payload, Producer, Record};
 
 /// How long to pause in [`Consumer::recv`] after a transient error before polling again.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
@@ -452,9 +452,13 @@ impl Producer for KafkaBus {
         &self,
         topic: &str,
         key: &str,
-        payload: Vec<u8>,
+        payload: impl Into<Payload> + Send,
         headers: BTreeMap<String, String>,
     ) -> Result<(), MqError> {
+        let payload = payload.into();
+        let payload = payload
+            .bytes()
+            .map_err(|e| MqError::Encoding(e.to_string()))?;
         let topic = &self.inner.config.qualified(topic);
         let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len());
         for (name, value) in &headers {
@@ -465,7 +469,7 @@ impl Producer for KafkaBus {
         }
         let record = FutureRecord::to(topic)
             .key(key)
-            .payload(payload.as_slice())
+            .payload(payload.as_ref())
             .headers(kafka_headers);
         // `Timeout::Never`: wait while the local queue is full; the delivery itself is bounded
         // by `message.timeout.ms`.
@@ -771,7 +775,7 @@ fn to_record(message: &BorrowedMessage<'_>) -> Result<Record, KafkaError> {
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned())
             .unwrap_or_default(),
-        payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        payload: message.payload().unwrap_or_default().into(),
         headers,
     })
 }

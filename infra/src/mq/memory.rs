@@ -25,6 +25,8 @@
 //!   subscribes it yet. When a partition holds [`MemoryBusConfig::partition_capacity`] records,
 //!   `send` waits until commits free space. A topic nobody consumes therefore fills up and then
 //!   blocks its producers, as does a group whose members all left.
+//! - **Payloads.** A record keeps the [`Payload`] it was sent with: bytes stay bytes, and a
+//!   typed value is shared by every group that reads it, never encoded.
 //! - **Shutdown.** After [`MemoryBus::close`], `send`, `recv`, `commit`, `subscribe` and
 //!   `ensure_topic` return [`MqError::Closed`], including calls that were waiting, so consumer
 //!   loops end.
@@ -42,7 +44,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use super::{Bus, Consumer, MqError, Producer, Record, partition_for};
+use super::{Bus, Consumer, MqError, Payload, Producer, Record, partition_for};
 
 /// Sizing of a [`MemoryBus`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,7 +316,7 @@ impl Producer for MemoryBus {
         &self,
         topic: &str,
         key: &str,
-        payload: Vec<u8>,
+        payload: impl Into<Payload> + Send,
         headers: BTreeMap<String, String>,
     ) -> Result<(), MqError> {
         let record = Record {
@@ -322,7 +324,7 @@ impl Producer for MemoryBus {
             partition: 0,
             offset: 0,
             key: key.to_owned(),
-            payload,
+            payload: payload.into(),
             headers,
         };
         let (mut record, space) = match self.try_push(record)? {
@@ -589,7 +591,33 @@ mod tests {
     }
 
     fn text(r: &Record) -> String {
-        String::from_utf8(r.payload.clone()).expect("utf8")
+        String::from_utf8(r.payload.bytes().expect("bytes").into_owned()).expect("utf8")
+    }
+
+    #[tokio::test]
+    async fn a_value_reaches_every_group_as_it_was_sent() {
+        let bus = bus(2, 16);
+        let mut a = bus.subscribe("a", &["t"]).await.expect("subscribe");
+        let mut b = bus.subscribe("b", &["t"]).await.expect("subscribe");
+        let value = BTreeMap::from([("seq".to_owned(), 9_i64)]);
+        timeout(
+            GUARD,
+            bus.send("t", "k", Payload::value(value.clone()), BTreeMap::new()),
+        )
+        .await
+        .expect("send hung")
+        .expect("send");
+        for c in [&mut a, &mut b] {
+            let r = recv(c).await;
+            assert!(r.payload.is_value(), "handed over, not encoded: {r:?}");
+            let got = r
+                .payload
+                .decode::<BTreeMap<String, i64>>()
+                .expect("decodes");
+            assert!(matches!(got, std::borrow::Cow::Borrowed(_)));
+            assert_eq!(*got, value);
+            assert_eq!(text(&r), r#"{"seq":9}"#);
+        }
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gochat_infra::ids::{WORLD_CONVERSATION_ID, group_conversation_id, parse_id};
-use gochat_infra::mq::Bus;
+use gochat_infra::mq::{Bus, Payload};
 use gochat_infra::wire::{DownstreamMessage, FanoutTaskData, downstream_topic};
 use gochat_proto::repo as pb;
 
@@ -165,7 +165,7 @@ impl<R: RepoApi, B: Bus> FanoutJob<R, B> {
         for gateway in gateways {
             let mut record = self.template.clone();
             record.broadcast = true;
-            self.produce(gateway, &record).await?;
+            self.produce(gateway, record).await?;
             self.stats.broadcast();
             report.records += 1;
         }
@@ -206,7 +206,7 @@ impl<R: RepoApi, B: Bus> FanoutJob<R, B> {
                 let mut record = self.template.clone();
                 let n = targets.len();
                 record.targets = targets;
-                self.produce(&gateway, &record).await?;
+                self.produce(&gateway, record).await?;
                 self.stats.batch(n);
                 report.records += 1;
                 report.recipients += n as u64;
@@ -222,13 +222,12 @@ impl<R: RepoApi, B: Bus> FanoutJob<R, B> {
 
     /// Sends `record` to `gateway`'s downstream topic, keyed by conversation (so the gateway
     /// sees one conversation's records in order).
-    async fn produce(&self, gateway: &str, record: &DownstreamMessage) -> Result<(), TaskError> {
-        let payload = serde_json::to_vec(record).map_err(|e| TaskError::InvalidTask {
-            task_type: TaskType::Fanout,
-            reason: format!("the message does not serialize: {e}"),
-        })?;
+    async fn produce(&self, gateway: &str, record: DownstreamMessage) -> Result<(), TaskError> {
         let topic = downstream_topic(gateway);
         let headers = BTreeMap::from([("trace_id".to_owned(), record.trace_id.clone())]);
+        // One shared value, however many attempts it takes.
+        let record = Arc::new(record);
+        let payload = Payload::shared(Arc::clone(&record));
         let (bus, key) = (&self.bus, record.conversation_id.as_str());
         retry(
             &self.config.retry,
