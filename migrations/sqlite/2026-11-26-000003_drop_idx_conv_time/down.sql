@@ -1,0 +1,1 @@
+CREATE INDEX idx_conv_time ON messages (conversation_id, created_at);
