@@ -26,7 +26,6 @@ use actix_web::http::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{FromRequest, HttpMessage, HttpRequest, HttpResponse, web};
 use gochat_infra::ErrorCode;
-use gochat_infra::mq::Bus;
 use gochat_infra::telemetry;
 use gochat_proto::logic::ValidateTokenRequest;
 use gochat_proto::logic::auth_service_server::AuthService;
@@ -250,7 +249,7 @@ pub(crate) async fn healthz() -> HttpResponse {
 }
 
 /// Registers every route (extractor configs included) on an app.
-pub(crate) fn configure<L: LogicApi, B: Bus>(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
+pub(crate) fn configure<L: LogicApi>(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
     use actix_web::web::{delete, get, post, resource};
 
     let not_allowed = || web::to(method_not_allowed);
@@ -269,7 +268,7 @@ pub(crate) fn configure<L: LogicApi, B: Bus>(cfg: &mut web::ServiceConfig, max_b
     )
     .service(
         resource("/ws")
-            .route(get().to(crate::ws::upgrade::<L, B>))
+            .route(get().to(crate::ws::upgrade::<L>))
             .default_service(not_allowed()),
     )
     .service(

@@ -39,12 +39,17 @@ mod settings;
 mod shared;
 mod stats;
 mod ws;
+mod wsio;
 
 use std::future::Future;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::{App, HttpServer, middleware, web};
+use actix_http::{HttpService, KeepAlive};
+use actix_service::{IntoServiceFactory, ServiceFactory, fn_factory, fn_service, map_config};
+use actix_web::dev::AppConfig;
+use actix_web::{App, middleware, web};
 use gochat_infra::mq::Bus;
 use gochat_infra::telemetry::PrometheusHandle;
 use gochat_proto::logic::auth_service_server::AuthService;
@@ -188,24 +193,61 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
             logic,
         });
         let shared_data = web::Data::from(Arc::clone(&shared));
-        let bus_data = web::Data::new(bus);
-        let mut server = HttpServer::new(move || {
+        let make_app = move || {
             App::new()
                 .app_data(api_state.clone())
                 .app_data(shared_data.clone())
-                .app_data(bus_data.clone())
                 .app_data(admin_data.clone())
-                .configure(|cfg| api::configure::<L, B>(cfg, max_body))
+                .configure(|cfg| api::configure::<L>(cfg, max_body))
                 .wrap(middleware::from_fn(api::trace_layer))
-        })
-        .disable_signals()
-        // Chat frames are small and latency-bound: never let Nagle hold one back.
-        .tcp_nodelay(true)
-        .shutdown_timeout(grace.as_secs().max(1));
+        };
+        // actix-web's `HttpServer` has no place for an upgrade service, so the server is put
+        // together from its parts with the same settings (timeouts as `HttpServer`'s defaults).
+        // Requests asking for an upgrade go to `ws::serve_upgrade`, which runs them through an
+        // instance of the same app and, for `/ws`, keeps the socket (see `wsio`).
+        let local_addr = listener.local_addr()?;
+        let upgrade_shared = Arc::clone(&shared);
+        let mut builder = actix_server::Server::build()
+            .disable_signals()
+            .shutdown_timeout(grace.as_secs().max(1));
         if workers > 0 {
-            server = server.workers(workers);
+            builder = builder.workers(workers);
         }
-        let server = server.listen(listener)?.run();
+        let server = builder
+            .listen("gochat-gateway", listener, move || {
+                let upgrade_app = make_app.clone();
+                let shared = Arc::clone(&upgrade_shared);
+                let bus = bus.clone();
+                let upgrade = fn_factory(move || {
+                    let factory = upgrade_app().into_factory();
+                    let shared = Arc::clone(&shared);
+                    let bus = bus.clone();
+                    async move {
+                        let app = Rc::new(factory.new_service(AppConfig::default()).await?);
+                        Ok::<_, ()>(fn_service(move |(req, framed)| {
+                            ws::serve_upgrade(
+                                Rc::clone(&app),
+                                Arc::clone(&shared),
+                                bus.clone(),
+                                req,
+                                framed,
+                            )
+                        }))
+                    }
+                });
+                HttpService::build()
+                    .keep_alive(KeepAlive::default())
+                    .client_request_timeout(Duration::from_secs(5))
+                    .client_disconnect_timeout(Duration::from_secs(1))
+                    // Chat frames are small and latency-bound: never let Nagle hold one back.
+                    .tcp_nodelay(true)
+                    .local_addr(local_addr)
+                    .upgrade(upgrade)
+                    // `AppConfig` only gives the host and address when a request names none.
+                    .finish(map_config(make_app(), |_| AppConfig::default()))
+                    .tcp()
+            })?
+            .run();
         let handle = server.handle();
         let mut server = std::pin::pin!(server);
         let shutdown = std::pin::pin!(shutdown);

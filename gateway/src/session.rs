@@ -1,25 +1,30 @@
 //! The Session actor: one per WebSocket connection.
 //!
 //! ```text
-//!  client frames ──► actix_ws MessageStream ──(ctx.add_stream)──► Session actor ──► publisher task ──► im-upstream-topic
+//!  socket ──► WsReader ──(ctx.add_stream)──► Session actor ──► publisher task ──► im-upstream-topic
 //!  downstream consumer ──try_send──► delivery queue ──(ctx.add_stream)──┘   │
-//!                                                                          ▼ start_send
-//!                                    actix_ws::Session (a channel of 32 frames) ──► socket
-//!                                    (backlog, bounded, while that channel is full)
+//!                                                                          ▼ send
+//!                                                WsWriter ──(one vectored write)──► socket
+//!                                    (backlog, bounded, while the socket is full)
 //! ```
 //!
-//! The actor owns everything that is per-connection state: the socket half (the
-//! `actix_ws::Session`), the heartbeat deadline, the abuse count, and the last seq delivered per
-//! conversation (so redelivered records are dropped). It never awaits: a frame it produces or a
-//! delivery it accepts goes straight into actix-ws's channel when that has room, else into the
-//! session's backlog, which a [`Flusher`] polled by the actor's own context drains as the
-//! channel frees up. No other task writes, so a delivery costs one wake-up of the actor and
-//! none of a writer. When the backlog holds `outbound_queue` frames the client is not reading
-//! fast enough and the session is closed with 1013; nothing is ever buffered without bound.
+//! The actor owns everything that is per-connection state: the socket (its [`WsReader`] as a
+//! stream of the context, its [`WsWriter`] as a field; see `wsio`), the heartbeat deadline, the
+//! abuse count, and the last seq delivered per conversation (so redelivered records are
+//! dropped). It never awaits: a frame it produces or a delivery it accepts is written to the
+//! socket at once when nothing waits before it, else it goes into the session's backlog, which
+//! a [`Flusher`] polled by the actor's own context drains as the socket takes more. No other
+//! task writes, so a delivery costs one wake-up of the actor and one system call. When the
+//! backlog holds `outbound_queue` frames the client is not reading fast enough and the session
+//! is closed with 1013; nothing is ever buffered without bound.
+//!
+//! Opening: the writer holds the `101` response until the user's presence is reported (at most
+//! `presence_wait`), so from the moment a client sees its connection open every message stored
+//! for it is routed here. Frames produced meanwhile wait in the backlog behind the `101`.
 //! Sends are published in order by a per-session publisher task behind another bounded queue,
 //! so a slow bus never blocks deliveries.
 //!
-//! Closing: the actor hands the socket half, with the backlog when it is to be flushed first, to
+//! Closing: the actor hands the writer, with the backlog when it is to be flushed first, to
 //! a short-lived task that sends the close frame within `close_grace` and drops the socket, then
 //! stops. On stop the session leaves the registry and its user is marked for presence
 //! reporting.
@@ -31,12 +36,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use actix::fut::ActorFuture;
+use actix::fut::{ActorFuture, ActorFutureExt};
 use actix::{Actor, ActorContext, Addr, AsyncContext, Context, Handler, Message, StreamHandler};
 use actix_web::web::Bytes;
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, ProtocolError};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use bytestring::ByteString;
-use futures::{Sink, SinkExt};
 use gochat_infra::ErrorCode;
 use gochat_infra::mq::{Payload, Producer};
 use gochat_infra::time::now_ms;
@@ -52,6 +56,7 @@ use crate::stats::{
     CAUSE_CLIENT, CloseCause, FRAME_BINARY, FRAME_CLOSE, FRAME_INVALID, FRAME_WS_PING,
     FRAME_WS_PONG, GatewayStats,
 };
+use crate::wsio::{self, Closed, OpCode, WsReader, WsWriter};
 
 /// Conversations whose last delivered seq a session remembers; past this the memory is reset
 /// (duplicate suppression is best effort beyond it; clients dedupe by seq anyway).
@@ -97,11 +102,19 @@ pub(crate) enum Outbound {
 }
 
 impl Outbound {
-    /// The WebSocket message and the `type` it is counted as.
-    fn into_message(self) -> (actix_ws::Message, &'static str) {
+    /// The frame's opcode and payload.
+    fn frame(&self) -> (OpCode, &[u8]) {
         match self {
-            Self::Text(text, kind) => (actix_ws::Message::Text(text), kind),
-            Self::Pong(payload) => (actix_ws::Message::Pong(payload), FRAME_WS_PONG),
+            Self::Text(text, _) => (OpCode::Text, text.as_bytes()),
+            Self::Pong(payload) => (OpCode::Pong, payload),
+        }
+    }
+
+    /// The `type` it is counted as.
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Text(_, kind) => kind,
+            Self::Pong(_) => FRAME_WS_PONG,
         }
     }
 }
@@ -111,21 +124,22 @@ pub(crate) struct Session {
     id: Arc<str>,
     user_id: Arc<str>,
     shared: Arc<Shared>,
-    /// The socket half: a sink into actix-ws's channel to the connection (taken when closing).
-    ws: Option<actix_ws::Session>,
-    /// Frames waiting for room in that channel, oldest first (at most `outbound_queue`).
+    /// The sending half of the socket (taken when closing).
+    ws: Option<WsWriter>,
+    /// Frames waiting for the socket, oldest first (at most `outbound_queue`).
     backlog: VecDeque<Outbound>,
     /// `backlog.len()`, for the registry's view of slow sessions.
     backlog_len: Arc<AtomicUsize>,
     /// The [`Flusher`]'s waker while the backlog is empty.
     flush_waker: Option<Waker>,
-    /// Sends for the publisher (bounded). Boxed: a channel allocates room for 32 items when it
-    /// is made, and 32 unboxed messages would cost every idle connection about 6 KiB.
+    /// Sends for the publisher (bounded). Each item is an `Arc`: a channel allocates room for 32
+    /// items when it is made, and 32 unboxed messages would cost every idle connection about
+    /// 6 KiB. The `Arc` also goes onto the in-process bus as it is (`Payload::shared`).
     upstream: mpsc::Sender<Arc<UpstreamMessage>>,
     /// The delivery queue's sender, handed to the registry in `started`.
     deliveries: Option<mpsc::Sender<Delivery>>,
-    /// Told once this user's presence is reported (the upgrade waits for it), from `started`.
-    presence_ready: Option<oneshot::Sender<()>>,
+    /// How long the `101` may wait for this user's presence report (zero: not at all).
+    presence_wait: Duration,
     last_seen: Instant,
     abuse_count: u32,
     abuse_since: Instant,
@@ -141,15 +155,14 @@ pub(crate) struct Session {
 pub(crate) struct SessionStart {
     pub shared: Arc<Shared>,
     pub user_id: String,
-    pub ws: actix_ws::Session,
-    pub stream: AggregatedMessageStream,
+    /// The socket, holding the `101` response head until the writer opens.
+    pub ws: WsWriter,
+    pub stream: WsReader,
     pub upstream: mpsc::Sender<Arc<UpstreamMessage>>,
     pub trace_id: String,
-    /// Sent once the user's presence is reported after this session joined the registry.
-    pub presence_ready: Option<oneshot::Sender<()>>,
 }
 
-/// Starts the writer task and the Session actor (on the current arbiter).
+/// Starts the Session actor (on the current arbiter).
 pub(crate) fn start(params: SessionStart) -> Addr<Session> {
     let SessionStart {
         shared,
@@ -158,7 +171,6 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
         stream,
         upstream,
         trace_id,
-        presence_ready,
     } = params;
     let queue = shared.settings.outbound_queue.max(1);
     let (deliver_tx, mut deliver_rx) = mpsc::channel::<Delivery>(queue);
@@ -167,6 +179,7 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
         tracing::info_span!("ws", session_id = %id, user_id = %user_id, trace_id = %trace_id);
 
     let now = Instant::now();
+    let presence_wait = shared.settings.presence_wait;
     Session::create(move |ctx| {
         ctx.add_stream(stream);
         ctx.add_stream(futures::stream::poll_fn(move |cx| deliver_rx.poll_recv(cx)));
@@ -180,7 +193,7 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
             flush_waker: None,
             upstream,
             deliveries: Some(deliver_tx),
-            presence_ready,
+            presence_wait,
             last_seen: now,
             abuse_count: 0,
             abuse_since: now,
@@ -209,9 +222,30 @@ impl Actor for Session {
             self.shared
                 .stats
                 .user_sessions_changed(sessions.saturating_sub(1), sessions);
-            match self.presence_ready.take() {
-                Some(ready) => self.shared.presence.mark_and_notify(&self.user_id, ready),
-                None => self.shared.presence.mark(&self.user_id),
+            if self.presence_wait.is_zero() {
+                self.shared.presence.mark(&self.user_id);
+                self.open();
+            } else {
+                let (ready_tx, ready_rx) = oneshot::channel();
+                self.shared
+                    .presence
+                    .mark_and_notify(&self.user_id, ready_tx);
+                let started = Instant::now();
+                let wait = tokio::time::timeout(self.presence_wait, ready_rx);
+                ctx.spawn(actix::fut::wrap_future(wait).map(move |res, act: &mut Self, _| {
+                    // Reported only when the waiter is released: a timeout, or a dropped
+                    // waiter (the reporter stopped), opens the connection unreported.
+                    let reported = matches!(res, Ok(Ok(())));
+                    act.shared.stats.presence_waited(started.elapsed(), reported);
+                    if !reported {
+                        tracing::warn!(
+                            waited_ms = started.elapsed().as_millis() as u64,
+                            "presence not reported; upgrading anyway (messages stored meanwhile \
+                             reach this connection only by resync)"
+                        );
+                    }
+                    act.open();
+                }));
             }
             tracing::debug!(first_local_session = sessions == 1, "session opened");
         }
@@ -248,6 +282,16 @@ impl Actor for Session {
 }
 
 impl Session {
+    /// Sends the `101` (held by the writer until now) and whatever waited behind it.
+    fn open(&mut self) {
+        if let Some(ws) = self.ws.as_mut() {
+            ws.open();
+            if let Some(waker) = self.flush_waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
     /// Ends the session: the writer flushes (if `drain`) and sends the close frame.
     fn close(
         &mut self,
@@ -312,22 +356,11 @@ impl Session {
         if self.closing {
             return;
         }
-        let Some(ws) = self.ws.as_mut() else {
+        let Some(ws) = self.ws.as_ref() else {
             return;
         };
-        if self.backlog.is_empty() {
-            // Nothing waits, so the flusher is not parked on the channel and a poll with a
-            // no-op waker cannot steal its wake-up. Ready: the frame goes out now.
-            let mut noop = std::task::Context::from_waker(Waker::noop());
-            match Pin::new(&mut *ws).poll_ready(&mut noop) {
-                Poll::Ready(Ok(())) => {
-                    self.shared.stats.outbound_depth(0);
-                    return self.start_send(ctx, out);
-                }
-                Poll::Ready(Err(actix_ws::Closed)) => return self.gone(ctx),
-                Poll::Pending => {}
-            }
-        } else if self.backlog.len() >= self.shared.settings.outbound_queue.max(1) {
+        let backed_up = !ws.is_idle();
+        if self.backlog.len() >= self.shared.settings.outbound_queue.max(1) {
             return self.close(
                 ctx,
                 CloseCode::Again,
@@ -336,35 +369,46 @@ impl Session {
                 false,
             );
         }
+        // Frames held back by a full socket (or a writer not open yet) count as depth; frames
+        // queued in this pass of the actor go out together at its end.
+        self.shared
+            .stats
+            .outbound_depth(if backed_up { self.backlog.len() + 1 } else { 0 });
         self.backlog.push_back(out);
-        self.backlog_len
-            .store(self.backlog.len(), Ordering::Relaxed);
-        self.shared.stats.outbound_depth(self.backlog.len());
+        if backed_up {
+            self.backlog_len
+                .store(self.backlog.len(), Ordering::Relaxed);
+        }
         if let Some(waker) = self.flush_waker.take() {
             waker.wake();
         }
     }
 
-    /// Hands `out` to actix-ws after a successful `poll_ready`.
-    fn start_send(&mut self, ctx: &mut Context<Self>, out: Outbound) {
-        let Some(ws) = self.ws.as_mut() else {
-            return;
-        };
-        let (msg, kind) = out.into_message();
-        match Pin::new(ws).start_send(msg) {
-            Ok(()) => self.shared.stats.frame_out(kind),
-            Err(actix_ws::Closed) => self.gone(ctx),
-        }
-    }
-
-    /// Moves backlog frames into actix-ws's channel while it has room.
+    /// Writes what the socket did not take yet, then the backlog, up to [`wsio::MAX_BATCH`]
+    /// frames per vectored write, while the socket takes them. Polled by the actor's own
+    /// context after its handlers, so every frame queued in one pass of the actor goes out in
+    /// one system call.
     fn flush(&mut self, ctx: &mut Context<Self>, task: &mut std::task::Context<'_>) -> Poll<()> {
         loop {
             let Some(ws) = self.ws.as_mut() else {
                 // Closing: the socket went to `close_socket`, or it failed.
                 return Poll::Ready(());
             };
+            match ws.poll_flush(task) {
+                // The socket is full (its readiness wakes this context when it has room), or
+                // the writer is not open yet (`open` wakes it).
+                Poll::Pending => {
+                    self.flush_waker = Some(task.waker().clone());
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(Closed)) => {
+                    self.gone(ctx);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Ok(())) => {}
+            }
             if self.backlog.is_empty() {
+                self.backlog_len.store(0, Ordering::Relaxed);
                 if !self
                     .flush_waker
                     .as_ref()
@@ -374,21 +418,17 @@ impl Session {
                 }
                 return Poll::Pending;
             }
-            match Pin::new(&mut *ws).poll_ready(task) {
-                // Parked on the channel, which wakes this context when it has room.
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(actix_ws::Closed)) => {
-                    self.gone(ctx);
-                    return Poll::Ready(());
-                }
-                Poll::Ready(Ok(())) => {
-                    if let Some(out) = self.backlog.pop_front() {
-                        self.backlog_len
-                            .store(self.backlog.len(), Ordering::Relaxed);
-                        self.start_send(ctx, out);
-                    }
-                }
+            let n = self.backlog.len().min(wsio::MAX_BATCH);
+            let sent = ws.send_batch(self.backlog.iter().take(n).map(Outbound::frame));
+            if sent.is_err() {
+                self.gone(ctx);
+                return Poll::Ready(());
             }
+            for out in self.backlog.drain(..n) {
+                self.shared.stats.frame_out(out.kind());
+            }
+            self.backlog_len
+                .store(self.backlog.len(), Ordering::Relaxed);
         }
     }
 
@@ -536,7 +576,7 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
                     ProtocolError::Io(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                         (CloseCode::Invalid, "text frame is not valid UTF-8")
                     }
-                    ProtocolError::Io(e) if e.to_string().contains("continuation size") => {
+                    err if wsio::is_message_too_large(err) => {
                         (CloseCode::Size, "message too large")
                     }
                     _ => (CloseCode::Protocol, "WebSocket protocol error"),
@@ -667,21 +707,20 @@ impl ActorFuture<Session> for Flusher {
 /// Ends a connection: writes `backlog` (empty unless the close flushes) and the close frame
 /// within `grace`, then drops the socket.
 async fn close_socket(
-    mut ws: actix_ws::Session,
+    mut ws: WsWriter,
     backlog: VecDeque<Outbound>,
     reason: Option<CloseReason>,
     grace: Duration,
     stats: Arc<GatewayStats>,
 ) {
-    let flush = async move {
-        for out in backlog {
-            let (msg, kind) = out.into_message();
-            if ws.send(msg).await.is_err() {
-                return;
-            }
-            stats.frame_out(kind);
+    // The backlog is bounded (`outbound_queue`), so it may all wait in the writer: `close`
+    // writes it, and the close frame after it, within `grace`.
+    for out in &backlog {
+        let (opcode, payload) = out.frame();
+        if ws.send(opcode, payload).is_err() {
+            return;
         }
-        let _ = ws.close(reason).await;
-    };
-    let _ = tokio::time::timeout(grace, flush).await;
+        stats.frame_out(out.kind());
+    }
+    ws.close(reason, grace).await;
 }

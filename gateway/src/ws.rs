@@ -1,22 +1,39 @@
 //! `GET /ws`: authenticates BEFORE the upgrade (`?token=` or `Authorization: Bearer`; refused
 //! with HTTP 401 and an `ErrorResponse`), then upgrades and starts one Session actor (which owns
-//! the socket half) and its publisher task.
+//! the socket) and its publisher task.
+//!
+//! Two steps. The `/ws` route, an ordinary actix-web handler behind the same middleware as the
+//! API, checks the request and answers `101` with a [`WsGrant`]. Requests asking for an upgrade
+//! reach that handler through [`serve_upgrade`], actix-http's upgrade service, which holds the
+//! raw connection: for a granted upgrade it takes the socket out of the HTTP/1 dispatcher (see
+//! `wsio`) and starts the session on it; any other answer is written and the connection closed.
 //!
 //! The 101 is sent once the user's presence is reported to logic (at most
 //! `presence_wait`): from the moment a client sees its connection open, every message stored
 //! for it is routed to this gateway, and what was stored before is what its resync finds.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
 
+use actix_codec::{Encoder, Framed};
+use actix_http::body::{BodySize, MessageBody};
+use actix_http::{ConnectionType, Request, Response, StatusCode, h1};
+use actix_service::Service;
+use actix_web::dev::ServiceResponse;
 use actix_web::{HttpRequest, HttpResponse, web};
+use futures::SinkExt;
 use gochat_infra::ErrorCode;
 use gochat_infra::mq::Bus;
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use crate::LogicApi;
 use crate::api::{ApiError, ApiState, TraceId, bearer_token, validate_token};
 use crate::session::{self, SessionStart};
+use crate::shared::Shared;
+use crate::wsio;
 
 /// The access token of a WebSocket request: `?token=` first, then the bearer header.
 fn ws_token(req: &HttpRequest) -> Option<String> {
@@ -27,11 +44,16 @@ fn ws_token(req: &HttpRequest) -> Option<String> {
     from_query.or_else(|| bearer_token(req).map(str::to_owned))
 }
 
-pub(crate) async fn upgrade<L: LogicApi, B: Bus>(
+/// A checked WebSocket upgrade, carried on the `101` response to [`serve_upgrade`].
+#[derive(Debug, Clone)]
+pub(crate) struct WsGrant {
+    user_id: String,
+    trace_id: String,
+}
+
+pub(crate) async fn upgrade<L: LogicApi>(
     req: HttpRequest,
-    body: web::Payload,
     st: web::Data<ApiState<L>>,
-    bus: web::Data<B>,
     trace: TraceId,
 ) -> Result<HttpResponse, ApiError> {
     let shared = &st.shared;
@@ -56,45 +78,94 @@ pub(crate) async fn upgrade<L: LogicApi, B: Bus>(
             &trace,
         ));
     }
-    let (response, ws, stream) = actix_ws::handle(&req, body)
-        .map_err(|e| ApiError::invalid(format!("not a WebSocket upgrade request: {e}"), &trace))?;
-    let limit = shared.settings.hard_frame_limit();
-    let stream = stream
-        .max_frame_size(limit)
-        .aggregate_continuations()
-        .max_continuation_size(limit);
-    let (upstream_tx, upstream_rx) = mpsc::channel(shared.settings.upstream_inflight.max(1));
-    let wait = shared.settings.presence_wait;
-    let (ready_tx, ready_rx) = (!wait.is_zero()).then(oneshot::channel).unzip();
-    let addr = session::start(SessionStart {
-        shared: shared.clone(),
+    let mut response = actix_http::ws::handshake(req.head())
+        .map_err(|e| ApiError::invalid(format!("not a WebSocket upgrade request: {e}"), &trace))?
+        .finish();
+    response.extensions_mut().insert(WsGrant {
         user_id,
-        ws,
-        stream,
-        upstream: upstream_tx,
         trace_id: trace.as_str().to_owned(),
-        presence_ready: ready_tx,
     });
-    actix_rt::spawn(session::publish_loop(
-        bus.get_ref().clone(),
-        upstream_rx,
-        addr,
-        shared.stats.clone(),
-    ));
-    if let Some(ready) = ready_rx {
-        let started = Instant::now();
-        // Reported only when the waiter is released: a timeout, or a dropped waiter (the
-        // reporter stopped), opens the connection unreported.
-        let reported = matches!(tokio::time::timeout(wait, ready).await, Ok(Ok(())));
-        shared.stats.presence_waited(started.elapsed(), reported);
-        if !reported {
-            tracing::warn!(
-                trace_id = %trace.as_str(),
-                waited_ms = started.elapsed().as_millis() as u64,
-                "presence not reported; upgrading anyway (messages stored meanwhile reach this \
-                 connection only by resync)"
-            );
+    Ok(HttpResponse::from(response).map_into_boxed_body())
+}
+
+/// Serves a request that asked for a protocol upgrade (actix-http hands over the connection
+/// with it). `app` answers it like any request; a granted WebSocket upgrade becomes a session
+/// on the raw socket, and any other answer is written and the connection closed. A connection
+/// that fails meanwhile is dropped (there is nobody left to tell).
+pub(crate) async fn serve_upgrade<S, RB, B>(
+    app: Rc<S>,
+    shared: Arc<Shared>,
+    bus: B,
+    req: Request,
+    framed: Framed<TcpStream, h1::Codec>,
+) -> Result<(), actix_web::Error>
+where
+    S: Service<Request, Response = ServiceResponse<RB>, Error = actix_web::Error>,
+    RB: MessageBody + 'static,
+    B: Bus,
+{
+    if let Err(err) = answer_upgrade(app, shared, bus, req, framed).await {
+        tracing::debug!(%err, "connection failed while answering an upgrade request");
+    }
+    Ok(())
+}
+
+async fn answer_upgrade<S, RB, B>(
+    app: Rc<S>,
+    shared: Arc<Shared>,
+    bus: B,
+    req: Request,
+    mut framed: Framed<TcpStream, h1::Codec>,
+) -> io::Result<()>
+where
+    S: Service<Request, Response = ServiceResponse<RB>, Error = actix_web::Error>,
+    RB: MessageBody + 'static,
+    B: Bus,
+{
+    let mut res: Response<_> = match app.call(req).await {
+        Ok(res) => res.map_into_boxed_body().into(),
+        Err(err) => err.error_response().into(),
+    };
+    let grant = res.extensions_mut().remove::<WsGrant>();
+    match grant {
+        Some(grant) if res.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            let mut parts = framed.into_parts();
+            // The head waits in the writer until the user's presence is reported.
+            let mut head = std::mem::take(&mut parts.write_buf);
+            parts.codec.encode(
+                h1::Message::Item((res.drop_body(), BodySize::None)),
+                &mut head,
+            )?;
+            let limit = shared.settings.hard_frame_limit();
+            let (stream, ws) = wsio::split(parts.io, parts.read_buf, head, limit, limit);
+            let (upstream_tx, upstream_rx) =
+                mpsc::channel(shared.settings.upstream_inflight.max(1));
+            let stats = Arc::clone(&shared.stats);
+            let addr = session::start(SessionStart {
+                shared,
+                user_id: grant.user_id,
+                ws,
+                stream,
+                upstream: upstream_tx,
+                trace_id: grant.trace_id,
+            });
+            actix_rt::spawn(session::publish_loop(bus, upstream_rx, addr, stats));
+            Ok(())
+        }
+        _ => {
+            // Refused (or not a WebSocket request): the answer, then the connection closes.
+            res.head_mut().set_connection_type(ConnectionType::Close);
+            let (head, body) = res.into_parts();
+            let body = actix_http::body::to_bytes(body)
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let size = BodySize::Sized(body.len() as u64);
+            framed.send(h1::Message::Item((head, size))).await?;
+            if !body.is_empty() {
+                framed.send(h1::Message::Chunk(Some(body))).await?;
+            }
+            framed.send(h1::Message::Chunk(None)).await?;
+            framed.close().await
         }
     }
-    Ok(response)
 }

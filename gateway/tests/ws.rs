@@ -606,3 +606,241 @@ async fn shutdown_closes_sessions_with_1001_and_reports_users_offline() {
         "{calls:?}"
     );
 }
+
+// ------------------------------------------------------------ the socket itself, byte by byte
+
+/// A client frame: final or not, masked with a fixed key (as every client frame must be).
+fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let key = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&key);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    out
+}
+
+fn upgrade_request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// Reads an HTTP response head; returns it and the bytes read after it.
+async fn read_head(sock: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let read = async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let rest = buf.split_off(end + 4);
+                return (String::from_utf8(buf).expect("ASCII head"), rest);
+            }
+            let mut chunk = [0u8; 4096];
+            let n = sock.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "connection closed before a response head");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(GUARD, read)
+        .await
+        .expect("response head")
+}
+
+/// Reads one unmasked server frame: (first byte, payload).
+async fn read_frame(sock: &mut tokio::net::TcpStream, pending: &mut Vec<u8>) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        loop {
+            if pending.len() >= 2 {
+                assert_eq!(pending[1] & 0x80, 0, "server frames are never masked");
+                let (len, at) = match pending[1] & 0x7F {
+                    126 if pending.len() >= 4 => {
+                        (u16::from_be_bytes([pending[2], pending[3]]) as usize, 4)
+                    }
+                    127 if pending.len() >= 10 => (
+                        u64::from_be_bytes(pending[2..10].try_into().expect("8 bytes")) as usize,
+                        10,
+                    ),
+                    126 | 127 => (usize::MAX, 0),
+                    n => (n as usize, 2),
+                };
+                if len != usize::MAX && pending.len() >= at + len {
+                    let first = pending[0];
+                    let payload = pending[at..at + len].to_vec();
+                    pending.drain(..at + len);
+                    return (first, payload);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = sock.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "connection closed before a whole frame");
+            pending.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(GUARD, read).await.expect("a frame")
+}
+
+const PING_FRAME: &[u8] = br#"{"type":"ping","data":{},"timestamp":1}"#;
+
+#[tokio::test]
+async fn frames_sent_with_the_upgrade_request_and_split_across_writes_are_answered() {
+    use tokio::io::AsyncWriteExt;
+    let gw = TestGateway::start(test_settings());
+    let (_, token) = gw.logic.add_user("alice");
+    let mut sock = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    // The request and a first frame in one write: the server reads both at once, and the
+    // frame must reach the session rather than stay in the HTTP layer's buffer.
+    let mut bytes = upgrade_request(&format!("/ws?token={token}")).into_bytes();
+    bytes.extend(client_frame(0x1, true, PING_FRAME));
+    sock.write_all(&bytes).await.expect("write");
+    let (head, mut pending) = read_head(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    assert!(head.contains("x-trace-id: "), "{head}");
+    let (first, payload) = read_frame(&mut sock, &mut pending).await;
+    assert_eq!(first, 0x81, "a final text frame");
+    let pong: serde_json::Value = serde_json::from_slice(&payload).expect("JSON");
+    assert_eq!(pong["type"], "pong");
+
+    // One frame written a byte at a time.
+    for byte in client_frame(0x1, true, PING_FRAME) {
+        sock.write_all(&[byte]).await.expect("write");
+        sock.flush().await.expect("flush");
+    }
+    let (_, payload) = read_frame(&mut sock, &mut pending).await;
+    assert!(String::from_utf8_lossy(&payload).contains("\"pong\""));
+
+    // A text message in three fragments, a WebSocket ping between two of them (control
+    // frames may come between fragments): the ping is answered first, then the message.
+    let (a, b) = PING_FRAME.split_at(10);
+    let (b, c) = b.split_at(10);
+    let mut bytes = client_frame(0x1, false, a);
+    bytes.extend(client_frame(0x0, false, b));
+    bytes.extend(client_frame(0x9, true, b"hb"));
+    bytes.extend(client_frame(0x0, true, c));
+    sock.write_all(&bytes).await.expect("write");
+    let (first, payload) = read_frame(&mut sock, &mut pending).await;
+    assert_eq!((first, payload.as_slice()), (0x8A, &b"hb"[..]), "the pong");
+    let (first, payload) = read_frame(&mut sock, &mut pending).await;
+    assert_eq!(first, 0x81);
+    assert!(String::from_utf8_lossy(&payload).contains("\"pong\""));
+
+    // The client closes; the server echoes the close and ends the connection.
+    sock.write_all(&client_frame(0x8, true, &1000u16.to_be_bytes()))
+        .await
+        .expect("write");
+    let (first, payload) = read_frame(&mut sock, &mut pending).await;
+    assert_eq!(first, 0x88);
+    assert_eq!(payload[..2], 1000u16.to_be_bytes());
+    let mut rest = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut sock, &mut rest);
+    tokio::time::timeout(GUARD, read)
+        .await
+        .expect("the server ends the connection")
+        .expect("a clean end, not a reset");
+    assert!(rest.is_empty());
+    gw.wait_stats("the session closed", |s| s.connections == 0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_fragmented_message_over_the_limit_closes_with_1009() {
+    use tokio::io::AsyncWriteExt;
+    let settings = GatewaySettings {
+        max_frame_bytes: 1024,
+        ..test_settings()
+    };
+    let gw = TestGateway::start(settings);
+    let (_, token) = gw.logic.add_user("alice");
+    let mut sock = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    sock.write_all(upgrade_request(&format!("/ws?token={token}")).as_bytes())
+        .await
+        .expect("write");
+    let (head, mut pending) = read_head(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // Each fragment is under the frame limit; together they are far over it.
+    let part = vec![b'x'; 1000];
+    let mut bytes = client_frame(0x1, false, &part);
+    for _ in 0..200 {
+        bytes.extend(client_frame(0x0, false, &part));
+    }
+    let _ = sock.write_all(&bytes).await;
+    loop {
+        let (first, payload) = read_frame(&mut sock, &mut pending).await;
+        if first == 0x88 {
+            assert_eq!(payload[..2], 1009u16.to_be_bytes());
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn other_upgrade_requests_get_their_answer_and_the_connection_closes() {
+    use tokio::io::AsyncWriteExt;
+    let gw = TestGateway::start(test_settings());
+    // Any request asking for a WebSocket upgrade goes through the upgrade path: a route that
+    // is not `/ws` is answered as usual, then the connection closes.
+    let mut sock = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    sock.write_all(upgrade_request("/healthz").as_bytes())
+        .await
+        .expect("write");
+    let (head, mut body) = read_head(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut sock, &mut body);
+    tokio::time::timeout(GUARD, read)
+        .await
+        .expect("the connection closes")
+        .expect("read");
+    assert!(!body.is_empty());
+
+    // A WebSocket upgrade without a token: 401 with an ErrorResponse, then the close.
+    let mut sock = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    sock.write_all(upgrade_request("/ws").as_bytes())
+        .await
+        .expect("write");
+    let (head, mut body) = read_head(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut sock, &mut body);
+    tokio::time::timeout(GUARD, read)
+        .await
+        .expect("the connection closes")
+        .expect("read");
+    let err: serde_json::Value = serde_json::from_slice(&body).expect("ErrorResponse");
+    assert_eq!(err["code"], 1002);
+
+    // A plain GET /ws with a valid token but no upgrade asked: 400 with an ErrorResponse.
+    let (_, token) = gw.logic.add_user("alice");
+    let resp = reqwest::get(gw.url(&format!("/ws?token={token}")))
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 400);
+    let err: serde_json::Value = resp.json().await.expect("ErrorResponse");
+    assert_eq!(err["code"], 1001);
+}

@@ -81,7 +81,8 @@ enum Body {
 }
 
 impl Payload {
-    /// A typed value. On Kafka it travels as its JSON.
+    /// A typed value. On Kafka it travels as its JSON. Pass an `Arc<T>` you already hold to
+    /// [`Payload::shared`] instead, which keeps the `Arc`.
     pub fn value<T: Message>(value: T) -> Self {
         Self(Body::Value(Arc::new(value)))
     }
@@ -136,7 +137,8 @@ impl Default for Payload {
     }
 }
 
-/// Equal when the bytes on the wire are equal.
+/// Equal when the bytes on the wire are equal. Not `Eq`: a value that cannot be encoded equals
+/// nothing, not even itself (gochat's wire types always encode).
 impl PartialEq for Payload {
     fn eq(&self, other: &Self) -> bool {
         match (self.bytes(), other.bytes()) {
@@ -145,8 +147,6 @@ impl PartialEq for Payload {
         }
     }
 }
-
-impl Eq for Payload {}
 
 impl PartialEq<[u8]> for Payload {
     fn eq(&self, other: &[u8]) -> bool {
@@ -167,7 +167,7 @@ impl fmt::Debug for Payload {
 }
 
 /// One record as a consumer sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Record {
     /// Its topic.
     pub topic: String,

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use gochat_infra::ids::ConversationKind;
-use gochat_infra::mq::{Bus, Payload};
+use gochat_infra::mq::{Bus, MqError, Payload};
 use gochat_infra::telemetry;
 use gochat_infra::time::now_ms;
 use gochat_infra::wire::{
@@ -58,7 +58,7 @@ impl<R: RepoApi, B: Bus> Core<R, B> {
                 headers,
             )
             .await
-            .map_err(|e| AppError::new(ErrorCode::Unavailable, format!("bus: {e}")))
+            .map_err(bus_err)
     }
 
     /// Tells the conversation's actor (wherever it runs: the record goes through
@@ -249,13 +249,32 @@ impl<R: RepoApi, B: Bus> Core<R, B> {
                 headers,
             )
             .await
-            .map_err(|e| AppError::new(ErrorCode::Unavailable, format!("bus: {e}")))
+            .map_err(bus_err)
     }
+}
+
+/// A bus failure as the caller sees it: a record that cannot be encoded is gochat's own fault
+/// (1000); anything else is the bus being unavailable (1006), worth retrying.
+fn bus_err(err: MqError) -> AppError {
+    let code = match err {
+        MqError::Encoding(_) => ErrorCode::Internal,
+        _ => ErrorCode::Unavailable,
+    };
+    AppError::new(code, format!("bus: {err}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_that_cannot_be_encoded_is_an_internal_error_and_a_bus_outage_is_retryable() {
+        assert_eq!(
+            bus_err(MqError::Encoding("bad".into())).code,
+            ErrorCode::Internal
+        );
+        assert_eq!(bus_err(MqError::Closed).code, ErrorCode::Unavailable);
+    }
 
     #[test]
     fn the_spec_policy() {

@@ -39,7 +39,7 @@ const PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
      PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY;";
 
 /// The writer's own settings. It checkpoints (copies the WAL into the database file) every
-/// 10 000 WAL pages (40 MiB) rather than SQLite's 1 000: the index leaves hot while messages
+/// 10 000 WAL pages (about 39 MiB) rather than SQLite's 1 000: the index leaves hot while messages
 /// flow are written many times in that window, and a checkpoint copies each page once, so this
 /// writes about a sixth fewer bytes per message (docs/benchmarks.md). After a checkpoint the WAL
 /// file is cut back to 64 MiB if a long read made it grow.

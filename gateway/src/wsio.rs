@@ -1,0 +1,598 @@
+//! A WebSocket connection after its upgrade: the TCP socket itself, read and written by the
+//! Session actor with no HTTP dispatcher, channel or writer task in between.
+//!
+//! Why not actix-ws: it keeps the upgraded connection inside actix-http's HTTP/1 dispatcher,
+//! which holds an 8 KiB read buffer and an 8 KiB write buffer for the life of the connection,
+//! plus a 32-frame channel and a streaming body. An idle chat connection needs none of that.
+//! Here a connection holds only the socket and, while bytes are in flight, what they need:
+//!
+//! - [`WsReader`] reads into a per-thread scratch buffer and keeps bytes only while a frame is
+//!   incomplete; an idle connection holds no read buffer at all. Frames are parsed by
+//!   actix-http's WebSocket codec (the same parser actix-ws uses) and continuations are
+//!   aggregated here, up to a size limit.
+//! - [`WsWriter`] writes each frame straight to the socket with one vectored write (the frame
+//!   header from the stack, the payload from the shared text of the envelope: nothing copied).
+//!   Only what the kernel does not take waits in `pending`, which the session's flusher drains
+//!   when the socket is writable again.
+//!
+//! The writer starts closed: it holds what it is given (first of all the `101` response head)
+//! until [`WsWriter::open`], so the session can join the registry, and even receive
+//! deliveries, before the client is told the upgrade succeeded.
+
+use std::cell::RefCell;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use actix_codec::Decoder;
+use actix_http::ws::{Codec, Frame, Item, ProtocolError};
+use actix_web::web::{Buf, Bytes, BytesMut};
+use actix_ws::{AggregatedMessage, CloseReason};
+use bytestring::ByteString;
+use futures::Stream;
+use tokio::net::TcpStream;
+
+/// How much one read takes from the socket at most.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// The most frames [`WsWriter::send_batch`] writes at once.
+pub(crate) const MAX_BATCH: usize = 64;
+
+/// The largest payload of a control frame (RFC 6455 §5.5).
+const MAX_CONTROL_PAYLOAD: usize = 125;
+
+thread_local! {
+    /// Where reads land before the bytes of an incomplete frame are kept: shared by every
+    /// connection on the thread, so an idle connection holds no read buffer.
+    static READ_SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
+
+/// The socket is gone: nothing more can be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Closed;
+
+/// Frame opcodes the server sends (RFC 6455 §5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpCode {
+    Text = 0x1,
+    Close = 0x8,
+    Pong = 0xA,
+}
+
+/// Splits an upgraded connection into its two halves. `early` holds bytes the client sent
+/// after its upgrade request and that were already read (they are the first frames).
+pub(crate) fn split(
+    io: TcpStream,
+    early: BytesMut,
+    head: BytesMut,
+    max_frame: usize,
+    max_message: usize,
+) -> (WsReader, WsWriter) {
+    let io = Rc::new(io);
+    let reader = WsReader {
+        io: Rc::clone(&io),
+        buf: early,
+        codec: Codec::new().max_size(max_frame),
+        max_message,
+        parts: Vec::new(),
+        parts_len: 0,
+        parts_text: false,
+        overflowed: false,
+        done: false,
+    };
+    let writer = WsWriter {
+        io,
+        pending: head,
+        open: false,
+    };
+    (reader, writer)
+}
+
+/// The messages a client sends, continuations joined: a `Stream` for the session actor.
+pub(crate) struct WsReader {
+    io: Rc<TcpStream>,
+    /// The bytes of a frame not yet complete (empty, with no allocation, between frames).
+    buf: BytesMut,
+    codec: Codec,
+    /// The largest message (all of its continuation frames together).
+    max_message: usize,
+    /// The fragments of a message so far.
+    parts: Vec<Bytes>,
+    parts_len: usize,
+    parts_text: bool,
+    /// The current fragmented message went over `max_message`: its rest is dropped.
+    overflowed: bool,
+    /// The socket ended or failed: the stream is over.
+    done: bool,
+}
+
+/// The error a message over the continuation limit gives (the session closes with 1009).
+pub(crate) fn message_too_large() -> ProtocolError {
+    ProtocolError::Io(io::Error::other(
+        "message exceeds the maximum continuation size",
+    ))
+}
+
+/// Whether `err` is [`message_too_large`].
+pub(crate) fn is_message_too_large(err: &ProtocolError) -> bool {
+    matches!(err, ProtocolError::Io(e) if e.to_string().contains("continuation size"))
+}
+
+fn text(bytes: Bytes) -> Result<AggregatedMessage, ProtocolError> {
+    ByteString::try_from(bytes)
+        .map(AggregatedMessage::Text)
+        .map_err(|e| ProtocolError::Io(io::Error::new(io::ErrorKind::InvalidData, e.to_string())))
+}
+
+impl WsReader {
+    /// One decoded frame as a message, or `None` while a fragmented message is incomplete.
+    fn message(&mut self, frame: Frame) -> Option<Result<AggregatedMessage, ProtocolError>> {
+        let (first, last, bytes) = match frame {
+            Frame::Text(bytes) => return Some(text(bytes)),
+            Frame::Binary(bytes) => return Some(Ok(AggregatedMessage::Binary(bytes))),
+            Frame::Ping(bytes) => return Some(Ok(AggregatedMessage::Ping(bytes))),
+            Frame::Pong(bytes) => return Some(Ok(AggregatedMessage::Pong(bytes))),
+            Frame::Close(reason) => return Some(Ok(AggregatedMessage::Close(reason))),
+            Frame::Continuation(Item::FirstText(bytes)) => (Some(true), false, bytes),
+            Frame::Continuation(Item::FirstBinary(bytes)) => (Some(false), false, bytes),
+            Frame::Continuation(Item::Continue(bytes)) => (None, false, bytes),
+            Frame::Continuation(Item::Last(bytes)) => (None, true, bytes),
+        };
+        if let Some(is_text) = first {
+            self.parts_text = is_text;
+        }
+        if self.overflowed {
+            if last {
+                self.overflowed = false;
+            }
+            return None;
+        }
+        self.parts_len += bytes.len();
+        if self.parts_len > self.max_message {
+            self.parts.clear();
+            self.parts_len = 0;
+            self.overflowed = !last;
+            return Some(Err(message_too_large()));
+        }
+        // Empty fragments add nothing (and must not grow `parts` without bound).
+        if !bytes.is_empty() {
+            self.parts.push(bytes);
+        }
+        if !last {
+            return None;
+        }
+        let mut whole = BytesMut::with_capacity(self.parts_len);
+        for part in self.parts.drain(..) {
+            whole.extend_from_slice(&part);
+        }
+        self.parts = Vec::new();
+        self.parts_len = 0;
+        let whole = whole.freeze();
+        Some(if self.parts_text {
+            text(whole)
+        } else {
+            Ok(AggregatedMessage::Binary(whole))
+        })
+    }
+
+    /// Reads what the socket has into `buf`; `Ok(false)` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        loop {
+            ready!(self.io.poll_read_ready(cx))?;
+            let read = READ_SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let n = self.io.try_read(&mut scratch[..])?;
+                self.buf.extend_from_slice(&scratch[..n]);
+                Ok::<_, io::Error>(n)
+            });
+            match read {
+                Ok(0) => return Poll::Ready(Ok(false)),
+                Ok(_) => return Poll::Ready(Ok(true)),
+                // The readiness was stale: `try_read` cleared it, so the next poll waits.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl Stream for WsReader {
+    type Item = Result<AggregatedMessage, ProtocolError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if !this.buf.is_empty() {
+                match this.codec.decode(&mut this.buf) {
+                    Err(err) => {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(err)));
+                    }
+                    Ok(Some(frame)) => {
+                        if this.buf.is_empty() {
+                            // Let go of the allocation: the next frame starts a new one.
+                            this.buf = BytesMut::new();
+                        }
+                        match this.message(frame) {
+                            Some(item) => return Poll::Ready(Some(item)),
+                            None => continue,
+                        }
+                    }
+                    Ok(None) => {}
+                }
+            }
+            match ready!(this.poll_fill(cx)) {
+                Ok(true) => {}
+                Ok(false) => {
+                    this.done = true;
+                    return Poll::Ready(None);
+                }
+                Err(err) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(ProtocolError::Io(err))));
+                }
+            }
+        }
+    }
+}
+
+/// The sending half: frames go to the socket as they are sent.
+pub(crate) struct WsWriter {
+    io: Rc<TcpStream>,
+    /// Encoded bytes the socket has not taken yet (empty, with no allocation, when idle).
+    pending: BytesMut,
+    /// Whether bytes may go to the socket yet (see [`WsWriter::open`]).
+    open: bool,
+}
+
+/// The header of an unmasked, final frame of `len` payload bytes; returns its length.
+fn frame_header(head: &mut [u8; 10], opcode: OpCode, len: usize) -> usize {
+    head[0] = 0x80 | opcode as u8;
+    if len < 126 {
+        head[1] = len as u8;
+        2
+    } else if let Ok(len) = u16::try_from(len) {
+        head[1] = 126;
+        head[2..4].copy_from_slice(&len.to_be_bytes());
+        4
+    } else {
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+/// A close frame's payload: the code and as much of the reason as fits in 125 bytes.
+fn close_payload(reason: Option<CloseReason>) -> Vec<u8> {
+    let Some(reason) = reason else {
+        return Vec::new();
+    };
+    let mut payload = u16::from(reason.code).to_be_bytes().to_vec();
+    if let Some(description) = reason.description {
+        let mut end = description.len().min(MAX_CONTROL_PAYLOAD - 2);
+        while !description.is_char_boundary(end) {
+            end -= 1;
+        }
+        payload.extend_from_slice(&description.as_bytes()[..end]);
+    }
+    payload
+}
+
+impl WsWriter {
+    /// Lets bytes go to the socket, starting with those held so far.
+    pub fn open(&mut self) {
+        self.open = true;
+    }
+
+    /// Whether a frame sent now goes straight to the socket: open, and nothing waiting.
+    pub fn is_idle(&self) -> bool {
+        self.open && self.pending.is_empty()
+    }
+
+    /// Sends one frame: written now as far as the socket takes it (when nothing waits), the
+    /// rest kept in order.
+    pub fn send(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), Closed> {
+        self.send_batch(std::iter::once((opcode, payload)))
+    }
+
+    /// Sends the first [`MAX_BATCH`] of `frames` (the caller sends the rest later) with one
+    /// vectored write: headers from the stack, payloads where they are. What
+    /// the socket does not take (or everything, while something already waits) goes to `pending`,
+    /// in order.
+    pub fn send_batch<'a>(
+        &mut self,
+        frames: impl Iterator<Item = (OpCode, &'a [u8])>,
+    ) -> Result<(), Closed> {
+        let mut batch: [(OpCode, &[u8]); MAX_BATCH] = [(OpCode::Text, &[]); MAX_BATCH];
+        let mut heads = [[0u8; 10]; MAX_BATCH];
+        let mut head_lens = [0usize; MAX_BATCH];
+        let mut n = 0;
+        for (opcode, payload) in frames.take(MAX_BATCH) {
+            let payload = match opcode {
+                OpCode::Text => payload,
+                _ => &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)],
+            };
+            head_lens[n] = frame_header(&mut heads[n], opcode, payload.len());
+            batch[n] = (opcode, payload);
+            n += 1;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let mut slices = [IoSlice::new(&[]); 2 * MAX_BATCH];
+        for i in 0..n {
+            slices[2 * i] = IoSlice::new(&heads[i][..head_lens[i]]);
+            slices[2 * i + 1] = IoSlice::new(batch[i].1);
+        }
+        let mut written = if self.is_idle() {
+            match self.io.try_write_vectored(&slices[..2 * n]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(_) => return Err(Closed),
+            }
+        } else {
+            0
+        };
+        for i in 0..n {
+            let (head, payload) = (&heads[i][..head_lens[i]], batch[i].1);
+            if written >= head.len() + payload.len() {
+                written -= head.len() + payload.len();
+                continue;
+            }
+            if written < head.len() {
+                self.pending.extend_from_slice(&head[written..]);
+                self.pending.extend_from_slice(payload);
+            } else {
+                self.pending
+                    .extend_from_slice(&payload[written - head.len()..]);
+            }
+            written = 0;
+        }
+        Ok(())
+    }
+
+    /// Sends a close frame.
+    pub fn send_close(&mut self, reason: Option<CloseReason>) -> Result<(), Closed> {
+        self.send(OpCode::Close, &close_payload(reason))
+    }
+
+    /// Writes what is pending. `Ready(Ok)` once nothing is; `Pending` (woken when the socket
+    /// can take more) while the socket is full or the writer is not open.
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Closed>> {
+        if !self.open {
+            return Poll::Pending;
+        }
+        while !self.pending.is_empty() {
+            ready!(self.io.poll_write_ready(cx)).map_err(|_| Closed)?;
+            match self.io.try_write(&self.pending) {
+                Ok(0) => return Poll::Ready(Err(Closed)),
+                Ok(n) => self.pending.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Poll::Ready(Err(Closed)),
+            }
+        }
+        // Let go of the allocation until the socket backs up again.
+        self.pending = BytesMut::new();
+        Poll::Ready(Ok(()))
+    }
+
+    /// Ends the connection: opens the writer if it was not, writes what is pending and a close
+    /// frame, shuts the sending side and reads until the client closes too (so no unread
+    /// bytes turn the close into a reset), all within `grace`.
+    pub async fn close(mut self, reason: Option<CloseReason>, grace: Duration) {
+        self.open();
+        let finish = async {
+            if self.send_close(reason).is_err() {
+                return;
+            }
+            if std::future::poll_fn(|cx| self.poll_flush(cx))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _ = socket2::SockRef::from(&*self.io).shutdown(std::net::Shutdown::Write);
+            loop {
+                if self.io.readable().await.is_err() {
+                    return;
+                }
+                let read = READ_SCRATCH.with(|scratch| self.io.try_read(&mut scratch.borrow_mut()));
+                match read {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(grace, finish).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_ws::CloseCode;
+    use futures::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A masked client text frame.
+    fn client_text(payload: &[u8]) -> Vec<u8> {
+        let key = [1u8, 2, 3, 4];
+        assert!(payload.len() < 126);
+        let mut out = vec![0x81, 0x80 | payload.len() as u8];
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        out
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (server, client)
+    }
+
+    /// The point of this module: between frames a connection holds no buffer on either side.
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_buffers() {
+        let (server, mut client) = pair().await;
+        let head = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        let (mut reader, mut writer) = split(
+            server,
+            BytesMut::new(),
+            BytesMut::from(&head[..]),
+            1024,
+            4096,
+        );
+
+        client
+            .write_all(&client_text(b"hello"))
+            .await
+            .expect("write");
+        let got = reader.next().await.expect("a message").expect("valid");
+        assert_eq!(got, AggregatedMessage::Text("hello".into()));
+        assert_eq!(
+            reader.buf.capacity(),
+            0,
+            "no read buffer kept after a whole frame"
+        );
+
+        // Half a frame is kept until the rest comes, then let go again.
+        let frame = client_text(b"split");
+        client.write_all(&frame[..4]).await.expect("write");
+        let early = tokio::time::timeout(Duration::from_millis(50), reader.next()).await;
+        assert!(early.is_err(), "no message from half a frame");
+        assert_eq!(reader.buf.len(), 4);
+        client.write_all(&frame[4..]).await.expect("write");
+        let got = reader.next().await.expect("a message").expect("valid");
+        assert_eq!(got, AggregatedMessage::Text("split".into()));
+        assert_eq!(reader.buf.capacity(), 0);
+
+        // The writer holds what it is given until it opens, then writes it all.
+        writer.send(OpCode::Text, b"held").expect("send");
+        assert!(!writer.is_idle());
+        writer.open();
+        std::future::poll_fn(|cx| writer.poll_flush(cx))
+            .await
+            .expect("flush");
+        assert!(writer.is_idle());
+        assert_eq!(
+            writer.pending.capacity(),
+            0,
+            "no write buffer kept once written"
+        );
+        writer.send(OpCode::Text, b"direct").expect("send");
+        assert!(writer.is_idle(), "an open writer with room writes at once");
+        let mut got = vec![0u8; head.len() + 6 + 2 + 6];
+        client.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got[..head.len()], head, "the head first");
+        assert_eq!(&got[head.len()..], b"\x81\x04held\x81\x06direct");
+        drop(reader);
+    }
+
+    /// Batches cut anywhere by a full socket (inside a header, inside a payload) still reach
+    /// the client whole and in order.
+    #[tokio::test]
+    async fn partial_vectored_writes_keep_every_frame_whole_and_in_order() {
+        let (server, client) = pair().await;
+        let (_reader, mut writer) = split(server, BytesMut::new(), BytesMut::new(), 1024, 4096);
+        writer.open();
+        // Sizes that need every header form, numbered so order and wholeness can be checked.
+        let frames: Vec<Vec<u8>> = (0..600u32)
+            .map(|i| {
+                let len = [3, 125, 126, 1000, 70_000][i as usize % 5];
+                let mut payload = vec![(i % 251) as u8; len];
+                payload[..3].copy_from_slice(&i.to_be_bytes()[1..]);
+                payload
+            })
+            .collect();
+        for chunk in frames.chunks(MAX_BATCH / 2) {
+            writer
+                .send_batch(chunk.iter().map(|p| (OpCode::Text, p.as_slice())))
+                .expect("send");
+        }
+        assert!(
+            !writer.is_idle(),
+            "the socket filled up, so some bytes wait"
+        );
+        let expected: usize = frames
+            .iter()
+            .map(|p| {
+                p.len()
+                    + if p.len() < 126 {
+                        2
+                    } else if p.len() < 65_536 {
+                        4
+                    } else {
+                        10
+                    }
+            })
+            .sum();
+        let read = async move {
+            let mut client = client;
+            let mut got = vec![0u8; expected];
+            client.read_exact(&mut got).await.expect("read");
+            got
+        };
+        let flush = std::future::poll_fn(|cx| writer.poll_flush(cx));
+        let (got, flushed) = tokio::join!(read, flush);
+        flushed.expect("flushed");
+        let mut at = 0;
+        for (i, payload) in frames.iter().enumerate() {
+            assert_eq!(got[at], 0x81, "frame {i} starts with its header");
+            let (len, skip) = match got[at + 1] {
+                126 => (u16::from_be_bytes([got[at + 2], got[at + 3]]) as usize, 4),
+                127 => (
+                    u64::from_be_bytes(got[at + 2..at + 10].try_into().expect("8")) as usize,
+                    10,
+                ),
+                n => (n as usize, 2),
+            };
+            assert_eq!(len, payload.len(), "frame {i}");
+            assert_eq!(
+                &got[at + skip..at + skip + len],
+                payload.as_slice(),
+                "frame {i}"
+            );
+            at += skip + len;
+        }
+        assert_eq!(at, expected);
+    }
+
+    #[test]
+    fn headers_use_the_shortest_length_encoding() {
+        let mut head = [0u8; 10];
+        assert_eq!(frame_header(&mut head, OpCode::Text, 125), 2);
+        assert_eq!(head[..2], [0x81, 125]);
+        assert_eq!(frame_header(&mut head, OpCode::Text, 126), 4);
+        assert_eq!(head[..4], [0x81, 126, 0, 126]);
+        assert_eq!(frame_header(&mut head, OpCode::Pong, 65_535), 4);
+        assert_eq!(head[..4], [0x8A, 126, 0xFF, 0xFF]);
+        assert_eq!(frame_header(&mut head, OpCode::Close, 65_536), 10);
+        assert_eq!(head[..10], [0x88, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
+    }
+
+    #[test]
+    fn a_close_reason_is_cut_to_fit_a_control_frame_on_a_char_boundary() {
+        let long = "é".repeat(100);
+        let payload = close_payload(Some(CloseReason {
+            code: CloseCode::Policy,
+            description: Some(long),
+        }));
+        assert!(payload.len() <= MAX_CONTROL_PAYLOAD);
+        assert_eq!(payload[..2], 1008u16.to_be_bytes());
+        assert!(std::str::from_utf8(&payload[2..]).is_ok());
+        assert_eq!(payload.len(), 2 + 122);
+        assert!(close_payload(None).is_empty());
+    }
+}
