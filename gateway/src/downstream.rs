@@ -108,10 +108,12 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
         tracing::debug_span!("downstream", trace_id = %msg.trace_id, kind = ?msg.kind).entered();
     let registry = &shared.registry;
     let now = now_ms();
-    let frame = |kind: &'static str, text: String, seq: Option<(Arc<str>, i64)>| Delivery {
-        kind,
-        text: text.into(),
-        seq,
+    let frame = |kind: &'static str, text: String, seq: Option<(Arc<str>, i64)>| {
+        Arc::new(Delivery {
+            kind,
+            text: text.into(),
+            seq,
+        })
     };
     match msg.kind {
         DownstreamKind::NewMessage => {
@@ -187,7 +189,7 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
 
 /// Acks and errors go to the one session that sent the message; a record without
 /// `target_session` (a spec-only producer) goes to every local session of its recipients.
-fn to_target_session(shared: &Shared, msg: &DownstreamMessage, delivery: Delivery) {
+fn to_target_session(shared: &Shared, msg: &DownstreamMessage, delivery: Arc<Delivery>) {
     if msg.target_session.is_empty() {
         for user in msg.recipients() {
             shared

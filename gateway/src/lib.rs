@@ -221,14 +221,15 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
                 let upgrade = fn_factory(move || {
                     let factory = upgrade_app().into_factory();
                     let shared = Arc::clone(&shared);
-                    let bus = bus.clone();
+                    let publisher =
+                        session::publisher_starter(bus.clone(), Arc::clone(&shared.stats));
                     async move {
                         let app = Rc::new(factory.new_service(AppConfig::default()).await?);
                         Ok::<_, ()>(fn_service(move |(req, framed)| {
                             ws::serve_upgrade(
                                 Rc::clone(&app),
                                 Arc::clone(&shared),
-                                bus.clone(),
+                                Rc::clone(&publisher),
                                 req,
                                 framed,
                             )

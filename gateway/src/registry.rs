@@ -25,7 +25,7 @@ pub(crate) struct SessionHandle {
     /// Its authenticated user.
     pub user_id: Arc<str>,
     /// Bounded queue of deliveries into the actor.
-    deliveries: mpsc::Sender<Delivery>,
+    deliveries: mpsc::Sender<Arc<Delivery>>,
     /// Frames the session holds back because its socket is not taking them (its backlog).
     backlog: Arc<AtomicUsize>,
     /// The actor's mailbox, for control messages (close).
@@ -48,7 +48,7 @@ impl SessionHandle {
     pub fn new(
         id: Arc<str>,
         user_id: Arc<str>,
-        deliveries: mpsc::Sender<Delivery>,
+        deliveries: mpsc::Sender<Arc<Delivery>>,
         backlog: Arc<AtomicUsize>,
         control: Addr<Session>,
     ) -> Self {
@@ -64,7 +64,7 @@ impl SessionHandle {
 
     /// Queues `delivery` without waiting. A full queue means the client cannot keep up: the
     /// session is closed with 1013 and the delivery dropped (the client resyncs by seq).
-    pub fn deliver(&self, delivery: Delivery) {
+    pub fn deliver(&self, delivery: Arc<Delivery>) {
         match self.deliveries.try_send(delivery) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -75,7 +75,7 @@ impl SessionHandle {
     }
 
     /// Frames waiting for this session: deliveries not yet taken by the actor plus frames held
-    /// in its backlog (those actix-ws's channel of 32 could not take yet).
+    /// in its backlog (those the socket could not take yet).
     pub fn queued(&self) -> usize {
         let waiting = |max: usize, free: usize| max.saturating_sub(free);
         let deliveries = waiting(self.deliveries.max_capacity(), self.deliveries.capacity());

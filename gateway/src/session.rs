@@ -22,7 +22,8 @@
 //! `presence_wait`), so from the moment a client sees its connection open every message stored
 //! for it is routed here. Frames produced meanwhile wait in the backlog behind the `101`.
 //! Sends are published in order by a per-session publisher task behind another bounded queue,
-//! so a slow bus never blocks deliveries.
+//! so a slow bus never blocks deliveries; both are made at the session's first send, so a
+//! connection that only listens costs neither.
 //!
 //! Closing: the actor hands the writer, with the backlog when it is to be flushed first, to
 //! a short-lived task that sends the close frame within `close_grace` and drops the socket, then
@@ -31,6 +32,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Poll, Waker};
@@ -65,7 +67,9 @@ const MAX_TRACKED_CONVERSATIONS: usize = 4_096;
 /// Header carrying the trace id on bus records.
 pub(crate) const HEADER_TRACE: &str = "trace_id";
 
-/// A frame for one or many sessions, serialized once.
+/// A frame for one or many sessions, serialized once. Queued to sessions as an `Arc`: a
+/// session's delivery queue allocates room for 32 items when it is made, 8 bytes each rather
+/// than this struct's 72.
 #[derive(Debug, Clone)]
 pub(crate) struct Delivery {
     /// The envelope's type (a `frames` constant), for metrics.
@@ -132,12 +136,15 @@ pub(crate) struct Session {
     backlog_len: Arc<AtomicUsize>,
     /// The [`Flusher`]'s waker while the backlog is empty.
     flush_waker: Option<Waker>,
-    /// Sends for the publisher (bounded). Each item is an `Arc`: a channel allocates room for 32
-    /// items when it is made, and 32 unboxed messages would cost every idle connection about
-    /// 6 KiB. The `Arc` also goes onto the in-process bus as it is (`Payload::shared`).
-    upstream: mpsc::Sender<Arc<UpstreamMessage>>,
+    /// Sends for the publisher (bounded), made with the publisher at the first send: a
+    /// connection that only listens has neither. Each item is an `Arc`: a channel allocates
+    /// room for 32 items when it is made, and 32 unboxed messages would cost about 6 KiB. The
+    /// `Arc` also goes onto the in-process bus as it is (`Payload::shared`).
+    upstream: Option<mpsc::Sender<Arc<UpstreamMessage>>>,
+    /// Starts a publisher task for this session.
+    start_publisher: StartPublisher,
     /// The delivery queue's sender, handed to the registry in `started`.
-    deliveries: Option<mpsc::Sender<Delivery>>,
+    deliveries: Option<mpsc::Sender<Arc<Delivery>>>,
     /// How long the `101` may wait for this user's presence report (zero: not at all).
     presence_wait: Duration,
     last_seen: Instant,
@@ -158,8 +165,22 @@ pub(crate) struct SessionStart {
     /// The socket, holding the `101` response head until the writer opens.
     pub ws: WsWriter,
     pub stream: WsReader,
-    pub upstream: mpsc::Sender<Arc<UpstreamMessage>>,
+    pub start_publisher: StartPublisher,
     pub trace_id: String,
+}
+
+/// Starts a session's publisher task: the receiving end of its send queue, and the session
+/// (told when a send fails). One per worker, shared by its sessions.
+pub(crate) type StartPublisher = Rc<dyn Fn(mpsc::Receiver<Arc<UpstreamMessage>>, Addr<Session>)>;
+
+/// A [`StartPublisher`] that publishes to `bus`.
+pub(crate) fn publisher_starter<P: Producer + Clone>(
+    bus: P,
+    stats: Arc<GatewayStats>,
+) -> StartPublisher {
+    Rc::new(move |rx, session| {
+        actix_rt::spawn(publish_loop(bus.clone(), rx, session, Arc::clone(&stats)));
+    })
 }
 
 /// Starts the Session actor (on the current arbiter).
@@ -169,11 +190,11 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
         user_id,
         ws,
         stream,
-        upstream,
+        start_publisher,
         trace_id,
     } = params;
     let queue = shared.settings.outbound_queue.max(1);
-    let (deliver_tx, mut deliver_rx) = mpsc::channel::<Delivery>(queue);
+    let (deliver_tx, mut deliver_rx) = mpsc::channel::<Arc<Delivery>>(queue);
     let id: Arc<str> = shared.next_session_id().into();
     let span =
         tracing::info_span!("ws", session_id = %id, user_id = %user_id, trace_id = %trace_id);
@@ -191,7 +212,8 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
             backlog: VecDeque::new(),
             backlog_len: Arc::new(AtomicUsize::new(0)),
             flush_waker: None,
-            upstream,
+            upstream: None,
+            start_publisher,
             deliveries: Some(deliver_tx),
             presence_wait,
             last_seen: now,
@@ -523,7 +545,15 @@ impl Session {
             timestamp: now_ms(),
             headers,
         });
-        match self.upstream.try_send(upstream) {
+        let queue = match &self.upstream {
+            Some(queue) => queue,
+            None => {
+                let (tx, rx) = mpsc::channel(self.shared.settings.upstream_inflight.max(1));
+                (self.start_publisher)(rx, ctx.address());
+                self.upstream.insert(tx)
+            }
+        };
+        match queue.try_send(upstream) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(m)) => self.send_error(
                 ctx,
@@ -595,8 +625,8 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
     }
 }
 
-impl StreamHandler<Delivery> for Session {
-    fn handle(&mut self, delivery: Delivery, ctx: &mut Context<Self>) {
+impl StreamHandler<Arc<Delivery>> for Session {
+    fn handle(&mut self, delivery: Arc<Delivery>, ctx: &mut Context<Self>) {
         if self.closing {
             return;
         }
@@ -612,7 +642,7 @@ impl StreamHandler<Delivery> for Session {
 
 impl Session {
     /// Queues a delivery unless this session already delivered its seq.
-    fn deliver(&mut self, ctx: &mut Context<Self>, delivery: Delivery) {
+    fn deliver(&mut self, ctx: &mut Context<Self>, delivery: Arc<Delivery>) {
         if let Some((conversation, seq)) = &delivery.seq
             && *seq > 0
         {
@@ -629,7 +659,7 @@ impl Session {
             }
             self.delivered.insert(Arc::clone(conversation), *seq);
         }
-        self.push(ctx, Outbound::Text(delivery.text, delivery.kind));
+        self.push(ctx, Outbound::Text(delivery.text.clone(), delivery.kind));
     }
 }
 

@@ -25,13 +25,11 @@ use actix_web::dev::ServiceResponse;
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures::SinkExt;
 use gochat_infra::ErrorCode;
-use gochat_infra::mq::Bus;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 use crate::LogicApi;
 use crate::api::{ApiError, ApiState, TraceId, bearer_token, validate_token};
-use crate::session::{self, SessionStart};
+use crate::session::{self, SessionStart, StartPublisher};
 use crate::shared::Shared;
 use crate::wsio;
 
@@ -92,35 +90,33 @@ pub(crate) async fn upgrade<L: LogicApi>(
 /// with it). `app` answers it like any request; a granted WebSocket upgrade becomes a session
 /// on the raw socket, and any other answer is written and the connection closed. A connection
 /// that fails meanwhile is dropped (there is nobody left to tell).
-pub(crate) async fn serve_upgrade<S, RB, B>(
+pub(crate) async fn serve_upgrade<S, RB>(
     app: Rc<S>,
     shared: Arc<Shared>,
-    bus: B,
+    start_publisher: StartPublisher,
     req: Request,
     framed: Framed<TcpStream, h1::Codec>,
 ) -> Result<(), actix_web::Error>
 where
     S: Service<Request, Response = ServiceResponse<RB>, Error = actix_web::Error>,
     RB: MessageBody + 'static,
-    B: Bus,
 {
-    if let Err(err) = answer_upgrade(app, shared, bus, req, framed).await {
+    if let Err(err) = answer_upgrade(app, shared, start_publisher, req, framed).await {
         tracing::debug!(%err, "connection failed while answering an upgrade request");
     }
     Ok(())
 }
 
-async fn answer_upgrade<S, RB, B>(
+async fn answer_upgrade<S, RB>(
     app: Rc<S>,
     shared: Arc<Shared>,
-    bus: B,
+    start_publisher: StartPublisher,
     req: Request,
     mut framed: Framed<TcpStream, h1::Codec>,
 ) -> io::Result<()>
 where
     S: Service<Request, Response = ServiceResponse<RB>, Error = actix_web::Error>,
     RB: MessageBody + 'static,
-    B: Bus,
 {
     let mut res: Response<_> = match app.call(req).await {
         Ok(res) => res.map_into_boxed_body().into(),
@@ -138,18 +134,14 @@ where
             )?;
             let limit = shared.settings.hard_frame_limit();
             let (stream, ws) = wsio::split(parts.io, parts.read_buf, head, limit, limit);
-            let (upstream_tx, upstream_rx) =
-                mpsc::channel(shared.settings.upstream_inflight.max(1));
-            let stats = Arc::clone(&shared.stats);
-            let addr = session::start(SessionStart {
+            session::start(SessionStart {
                 shared,
                 user_id: grant.user_id,
                 ws,
                 stream,
-                upstream: upstream_tx,
+                start_publisher,
                 trace_id: grant.trace_id,
             });
-            actix_rt::spawn(session::publish_loop(bus, upstream_rx, addr, stats));
             Ok(())
         }
         _ => {

@@ -71,6 +71,12 @@ pub(crate) fn split(
     max_message: usize,
 ) -> (WsReader, WsWriter) {
     let io = Rc::new(io);
+    // `early` is the HTTP layer's read buffer (8 KiB or more): keep its bytes, not its room.
+    let early = if early.is_empty() {
+        BytesMut::new()
+    } else {
+        BytesMut::from(&early[..])
+    };
     let reader = WsReader {
         io: Rc::clone(&io),
         buf: early,
