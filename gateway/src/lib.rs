@@ -269,8 +269,10 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
         shared
             .registry
             .for_each(|h| h.close(CloseCause::Shutdown, "server shutting down"));
+        // Sessions end at once; their sockets then send the close frame (and what the close
+        // drains), which the workers' graceful stop does not wait for: wait here.
         let drained = async {
-            while shared.registry.len() > 0 {
+            while shared.registry.len() > 0 || shared.closing_sockets() > 0 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };

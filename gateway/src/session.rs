@@ -53,7 +53,7 @@ use crate::frames::{
     self, ClientFrame, Empty, ErrorData, FrameError, SendMessage, parse_client_frame, server_frame,
 };
 use crate::registry::SessionHandle;
-use crate::shared::Shared;
+use crate::shared::{ClosingSocket, Shared};
 use crate::stats::{
     CAUSE_CLIENT, CloseCause, FRAME_BINARY, FRAME_CLOSE, FRAME_INVALID, FRAME_WS_PING,
     FRAME_WS_PONG, GatewayStats,
@@ -352,12 +352,14 @@ impl Session {
             } else {
                 VecDeque::new()
             };
+            // Counted from here, so shutdown cannot miss it.
+            let closing = self.shared.socket_closing();
             actix_rt::spawn(close_socket(
                 ws,
                 backlog,
                 reason,
-                self.shared.settings.close_grace,
-                Arc::clone(&self.shared.stats),
+                closing,
+                Arc::clone(&self.shared),
             ));
         }
         self.backlog.clear();
@@ -381,8 +383,10 @@ impl Session {
         let Some(ws) = self.ws.as_ref() else {
             return;
         };
+        // Only frames held back by a full socket count against the limit: those queued in
+        // one pass of the actor go out together at its end.
         let backed_up = !ws.is_idle();
-        if self.backlog.len() >= self.shared.settings.outbound_queue.max(1) {
+        if backed_up && self.backlog.len() >= self.shared.settings.outbound_queue.max(1) {
             return self.close(
                 ctx,
                 CloseCode::Again,
@@ -735,14 +739,16 @@ impl ActorFuture<Session> for Flusher {
 }
 
 /// Ends a connection: writes `backlog` (empty unless the close flushes) and the close frame
-/// within `grace`, then drops the socket.
+/// within `close_grace`, then drops the socket. Counted by `closing` meanwhile: a gateway
+/// shutting down waits for these before it stops its workers (which would drop them).
 async fn close_socket(
     mut ws: WsWriter,
     backlog: VecDeque<Outbound>,
     reason: Option<CloseReason>,
-    grace: Duration,
-    stats: Arc<GatewayStats>,
+    closing: ClosingSocket,
+    shared: Arc<Shared>,
 ) {
+    let stats = &shared.stats;
     // The backlog is bounded (`outbound_queue`), so it may all wait in the writer: `close`
     // writes it, and the close frame after it, within `grace`.
     for out in &backlog {
@@ -752,5 +758,6 @@ async fn close_socket(
         }
         stats.frame_out(out.kind());
     }
-    ws.close(reason, grace).await;
+    ws.close(reason, shared.settings.close_grace).await;
+    drop(closing);
 }

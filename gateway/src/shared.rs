@@ -2,7 +2,7 @@
 //! consumer, the presence reporter) reads or updates, behind one `Arc`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use gochat_infra::ids::Snowflake;
 use gochat_infra::mq::partition_for;
@@ -27,6 +27,18 @@ pub(crate) struct Shared {
     ids: Snowflake,
     /// Set once shutdown began: new upgrades are refused.
     shutting_down: AtomicBool,
+    /// Sockets whose session ended and that are still sending their close frame (shutdown
+    /// waits for them: they are no longer counted by the HTTP server).
+    closing_sockets: AtomicUsize,
+}
+
+/// One socket being closed, counted in [`Shared::closing_sockets`] until dropped.
+pub(crate) struct ClosingSocket(Arc<Shared>);
+
+impl Drop for ClosingSocket {
+    fn drop(&mut self) {
+        self.0.closing_sockets.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Shared {
@@ -40,6 +52,7 @@ impl Shared {
             presence: PresenceTracker::default(),
             ids: Snowflake::new(node),
             shutting_down: AtomicBool::new(false),
+            closing_sockets: AtomicUsize::new(0),
         }
     }
 
@@ -64,5 +77,16 @@ impl Shared {
 
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
+    }
+
+    /// Counts a socket as closing until the returned guard is dropped.
+    pub fn socket_closing(self: &Arc<Self>) -> ClosingSocket {
+        self.closing_sockets.fetch_add(1, Ordering::AcqRel);
+        ClosingSocket(Arc::clone(self))
+    }
+
+    /// Sockets still sending their close frame.
+    pub fn closing_sockets(&self) -> usize {
+        self.closing_sockets.load(Ordering::Acquire)
     }
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use actix_codec::{Encoder, Framed};
 use actix_http::body::{BodySize, MessageBody};
-use actix_http::{ConnectionType, Request, Response, StatusCode, h1};
+use actix_http::{ConnectionType, HttpMessage, Request, Response, StatusCode, h1};
 use actix_service::Service;
 use actix_web::dev::ServiceResponse;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -41,6 +41,9 @@ fn ws_token(req: &HttpRequest) -> Option<String> {
         .filter(|t| !t.is_empty());
     from_query.or_else(|| bearer_token(req).map(str::to_owned))
 }
+
+/// Marks a request that came through [`serve_upgrade`], the only path that can keep the socket.
+struct ViaUpgrade;
 
 /// A checked WebSocket upgrade, carried on the `101` response to [`serve_upgrade`].
 #[derive(Debug, Clone)]
@@ -76,9 +79,19 @@ pub(crate) async fn upgrade<L: LogicApi>(
             &trace,
         ));
     }
-    let mut response = actix_http::ws::handshake(req.head())
-        .map_err(|e| ApiError::invalid(format!("not a WebSocket upgrade request: {e}"), &trace))?
-        .finish();
+    let mut handshake = actix_http::ws::handshake(req.head())
+        .map_err(|e| ApiError::invalid(format!("not a WebSocket upgrade request: {e}"), &trace))?;
+    // actix-http hands a request over for upgrading only when its `Upgrade` header is exactly
+    // `websocket` (and its body not chunked); the handshake check is looser. Anything else
+    // stays an HTTP connection and must not be answered 101.
+    if req.extensions().get::<ViaUpgrade>().is_none() {
+        return Err(ApiError::invalid(
+            "not a WebSocket upgrade request: send `Upgrade: websocket` and \
+             `Connection: Upgrade` on a GET without a body",
+            &trace,
+        ));
+    }
+    let mut response = handshake.finish();
     response.extensions_mut().insert(WsGrant {
         user_id,
         trace_id: trace.as_str().to_owned(),
@@ -118,6 +131,7 @@ where
     S: Service<Request, Response = ServiceResponse<RB>, Error = actix_web::Error>,
     RB: MessageBody + 'static,
 {
+    req.extensions_mut().insert(ViaUpgrade);
     let mut res: Response<_> = match app.call(req).await {
         Ok(res) => res.map_into_boxed_body().into(),
         Err(err) => err.error_response().into(),
@@ -145,19 +159,25 @@ where
             Ok(())
         }
         _ => {
-            // Refused (or not a WebSocket request): the answer, then the connection closes.
+            // Refused (or not a WebSocket request): the answer, then the connection closes,
+            // all within `close_grace` (the HTTP layer's timers no longer run here).
             res.head_mut().set_connection_type(ConnectionType::Close);
             let (head, body) = res.into_parts();
-            let body = actix_http::body::to_bytes(body)
+            let answer = async {
+                let body = actix_http::body::to_bytes(body)
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let size = BodySize::Sized(body.len() as u64);
+                framed.send(h1::Message::Item((head, size))).await?;
+                if !body.is_empty() {
+                    framed.send(h1::Message::Chunk(Some(body))).await?;
+                }
+                framed.send(h1::Message::Chunk(None)).await?;
+                framed.close().await
+            };
+            tokio::time::timeout(shared.settings.close_grace, answer)
                 .await
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            let size = BodySize::Sized(body.len() as u64);
-            framed.send(h1::Message::Item((head, size))).await?;
-            if !body.is_empty() {
-                framed.send(h1::Message::Chunk(Some(body))).await?;
-            }
-            framed.send(h1::Message::Chunk(None)).await?;
-            framed.close().await
+                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
         }
     }
 }

@@ -81,9 +81,9 @@ pub(crate) fn split(
         io: Rc::clone(&io),
         buf: early,
         codec: Codec::new().max_size(max_frame),
+        max_frame,
         max_message,
-        parts: Vec::new(),
-        parts_len: 0,
+        parts: BytesMut::new(),
         parts_text: false,
         overflowed: false,
         done: false,
@@ -102,16 +102,40 @@ pub(crate) struct WsReader {
     /// The bytes of a frame not yet complete (empty, with no allocation, between frames).
     buf: BytesMut,
     codec: Codec,
+    /// The largest frame.
+    max_frame: usize,
     /// The largest message (all of its continuation frames together).
     max_message: usize,
-    /// The fragments of a message so far.
-    parts: Vec<Bytes>,
-    parts_len: usize,
+    /// The fragments of a message so far, joined (never more than `max_message` bytes).
+    parts: BytesMut,
     parts_text: bool,
     /// The current fragmented message went over `max_message`: its rest is dropped.
     overflowed: bool,
     /// The socket ended or failed: the stream is over.
     done: bool,
+}
+
+/// The length of the client frame at the start of `buf` (header, mask and payload), once its
+/// header is there; an error when it announces a payload over `max_payload`.
+fn frame_len(buf: &[u8], max_payload: usize) -> Result<Option<usize>, ProtocolError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (payload, header) = match buf[1] & 0x7F {
+        126 if buf.len() >= 4 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+        127 if buf.len() >= 10 => {
+            let mut len = [0u8; 8];
+            len.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(len), 10)
+        }
+        126 | 127 => return Ok(None),
+        n => (u64::from(n), 2),
+    };
+    if payload > max_payload as u64 {
+        return Err(ProtocolError::Overflow);
+    }
+    let mask = if buf[1] & 0x80 != 0 { 4 } else { 0 };
+    Ok(Some(header + mask + payload as usize))
 }
 
 /// The error a message over the continuation limit gives (the session closes with 1009).
@@ -155,27 +179,17 @@ impl WsReader {
             }
             return None;
         }
-        self.parts_len += bytes.len();
-        if self.parts_len > self.max_message {
-            self.parts.clear();
-            self.parts_len = 0;
+        if self.parts.len() + bytes.len() > self.max_message {
+            self.parts = BytesMut::new();
             self.overflowed = !last;
             return Some(Err(message_too_large()));
         }
-        // Empty fragments add nothing (and must not grow `parts` without bound).
-        if !bytes.is_empty() {
-            self.parts.push(bytes);
-        }
+        // Copied, so a fragment never keeps the read it came in alive.
+        self.parts.extend_from_slice(&bytes);
         if !last {
             return None;
         }
-        let mut whole = BytesMut::with_capacity(self.parts_len);
-        for part in self.parts.drain(..) {
-            whole.extend_from_slice(&part);
-        }
-        self.parts = Vec::new();
-        self.parts_len = 0;
-        let whole = whole.freeze();
+        let whole = std::mem::take(&mut self.parts).freeze();
         Some(if self.parts_text {
             text(whole)
         } else {
@@ -213,7 +227,17 @@ impl Stream for WsReader {
             if this.done {
                 return Poll::Ready(None);
             }
-            if !this.buf.is_empty() {
+            // The codec is only given whole frames: a header announcing more than the frame
+            // limit is refused before anything is buffered, and the buffer grows only with
+            // what the client actually sent.
+            let whole = match frame_len(&this.buf, this.max_frame) {
+                Err(err) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(err)));
+                }
+                Ok(len) => len.is_some_and(|len| this.buf.len() >= len),
+            };
+            if whole {
                 match this.codec.decode(&mut this.buf) {
                     Err(err) => {
                         this.done = true;
@@ -270,6 +294,18 @@ fn frame_header(head: &mut [u8; 10], opcode: OpCode, len: usize) -> usize {
         head[1] = 127;
         head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
         10
+    }
+}
+
+/// Appends to `pending` what a vectored write of `slices` left unwritten after `written` bytes.
+fn keep_unwritten(pending: &mut BytesMut, slices: &[IoSlice<'_>], mut written: usize) {
+    for slice in slices {
+        if written >= slice.len() {
+            written -= slice.len();
+        } else {
+            pending.extend_from_slice(&slice[written..]);
+            written = 0;
+        }
     }
 }
 
@@ -335,7 +371,7 @@ impl WsWriter {
             slices[2 * i] = IoSlice::new(&heads[i][..head_lens[i]]);
             slices[2 * i + 1] = IoSlice::new(batch[i].1);
         }
-        let mut written = if self.is_idle() {
+        let written = if self.is_idle() {
             match self.io.try_write_vectored(&slices[..2 * n]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
@@ -344,21 +380,7 @@ impl WsWriter {
         } else {
             0
         };
-        for i in 0..n {
-            let (head, payload) = (&heads[i][..head_lens[i]], batch[i].1);
-            if written >= head.len() + payload.len() {
-                written -= head.len() + payload.len();
-                continue;
-            }
-            if written < head.len() {
-                self.pending.extend_from_slice(&head[written..]);
-                self.pending.extend_from_slice(payload);
-            } else {
-                self.pending
-                    .extend_from_slice(&payload[written - head.len()..]);
-            }
-            written = 0;
-        }
+        keep_unwritten(&mut self.pending, &slices[..2 * n], written);
         Ok(())
     }
 
@@ -486,7 +508,6 @@ mod tests {
 
         // The writer holds what it is given until it opens, then writes it all.
         writer.send(OpCode::Text, b"held").expect("send");
-        assert!(!writer.is_idle());
         writer.open();
         std::future::poll_fn(|cx| writer.poll_flush(cx))
             .await
@@ -506,8 +527,8 @@ mod tests {
         drop(reader);
     }
 
-    /// Batches cut anywhere by a full socket (inside a header, inside a payload) still reach
-    /// the client whole and in order.
+    /// Batches cut by a full socket still reach the client whole and in order (every possible
+    /// cut is checked on its own in `whatever_a_write_cuts_off_is_kept_in_order`).
     #[tokio::test]
     async fn partial_vectored_writes_keep_every_frame_whole_and_in_order() {
         let (server, client) = pair().await;
@@ -573,6 +594,49 @@ mod tests {
             at += skip + len;
         }
         assert_eq!(at, expected);
+    }
+
+    /// Every cut of a vectored write (inside a header, inside a payload, between frames)
+    /// leaves exactly the unwritten bytes, in order.
+    #[test]
+    fn whatever_a_write_cuts_off_is_kept_in_order() {
+        let parts: [&[u8]; 6] = [
+            b"\x81\x03",
+            b"abc",
+            b"\x81\x7e\x00\x02",
+            b"de",
+            b"\x8a\x00",
+            b"",
+        ];
+        let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let all: Vec<u8> = parts.concat();
+        for written in 0..=all.len() {
+            let mut pending = BytesMut::new();
+            keep_unwritten(&mut pending, &slices, written);
+            assert_eq!(&pending[..], &all[written..], "cut after {written} bytes");
+        }
+    }
+
+    #[test]
+    fn a_frame_is_measured_from_its_header_and_an_oversized_one_refused_at_once() {
+        assert_eq!(frame_len(&[], 100).expect("ok"), None);
+        assert_eq!(frame_len(&[0x81], 100).expect("ok"), None);
+        assert_eq!(frame_len(&[0x81, 0x85], 100).expect("ok"), Some(2 + 4 + 5));
+        assert_eq!(frame_len(&[0x81, 0xFE, 0], 1000).expect("ok"), None);
+        assert_eq!(
+            frame_len(&[0x81, 0xFE, 0x03, 0xE8], 1000).expect("ok"),
+            Some(4 + 4 + 1000)
+        );
+        assert!(matches!(
+            frame_len(&[0x81, 0xFE, 0x03, 0xE9], 1000),
+            Err(ProtocolError::Overflow)
+        ));
+        // 2^62 bytes announced: refused from the header alone.
+        let huge = [0x81, 0xFF, 0x40, 0, 0, 0, 0, 0, 0, 0];
+        assert!(matches!(
+            frame_len(&huge, 1 << 20),
+            Err(ProtocolError::Overflow)
+        ));
     }
 
     #[test]

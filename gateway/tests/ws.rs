@@ -844,3 +844,80 @@ async fn other_upgrade_requests_get_their_answer_and_the_connection_closes() {
     let err: serde_json::Value = resp.json().await.expect("ErrorResponse");
     assert_eq!(err["code"], 1001);
 }
+
+#[tokio::test]
+async fn a_frame_announcing_more_than_the_limit_closes_with_1009_before_its_payload() {
+    use tokio::io::AsyncWriteExt;
+    let gw = TestGateway::start(test_settings());
+    let (_, token) = gw.logic.add_user("alice");
+    let mut sock = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    sock.write_all(upgrade_request(&format!("/ws?token={token}")).as_bytes())
+        .await
+        .expect("write");
+    let (head, mut pending) = read_head(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // A masked text frame header announcing 2^62 bytes, and none of them: the server must
+    // refuse it from the header alone instead of waiting (and buffering) for the payload.
+    let mut header = vec![0x81, 0x80 | 127];
+    header.extend_from_slice(&(1u64 << 62).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    sock.write_all(&header).await.expect("write");
+    let (first, payload) = read_frame(&mut sock, &mut pending).await;
+    assert_eq!(first, 0x88, "a close frame");
+    assert_eq!(payload[..2], 1009u16.to_be_bytes());
+}
+
+#[tokio::test]
+async fn an_upgrade_the_http_layer_keeps_as_http_is_refused_not_answered_101() {
+    use tokio::io::AsyncWriteExt;
+    let gw = TestGateway::start(test_settings());
+    let (_, token) = gw.logic.add_user("alice");
+    // `Upgrade: websocket, foo` passes the handshake check but actix-http keeps the request
+    // on its HTTP path (it hands over only `websocket` exactly): a 101 here would leave the
+    // client's frames to be read as HTTP.
+    let mut sock = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let req = upgrade_request(&format!("/ws?token={token}"))
+        .replace("Upgrade: websocket", "Upgrade: websocket, foo");
+    sock.write_all(req.as_bytes()).await.expect("write");
+    let (head, _) = read_head(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert_eq!(gw.stats.snapshot().connections, 0);
+}
+
+#[tokio::test]
+async fn shutdown_delivers_a_backed_up_clients_frames_then_1001() {
+    let gw = TestGateway::start(GatewaySettings {
+        outbound_queue: 1024,
+        ..test_settings()
+    });
+    let (id, tok) = gw.logic.add_user("sleepy");
+    let mut ws = connect_small_buffer(&gw, &tok).await;
+    // More than the socket buffers hold, while the client reads nothing.
+    let big = "z".repeat(16 * 1024);
+    let total = 200;
+    for seq in 1..=total {
+        let mut msg = new_message(&[&id], "s_1_2", seq);
+        msg.content = big.clone();
+        gw.publish_down(&id, &msg).await;
+    }
+    gw.wait_stats("every delivery consumed", |s| {
+        s.downstream_records >= total as u64
+    })
+    .await;
+    // Shutdown drains a session's backlog before the 1001: the gateway must keep the socket
+    // (and its worker) until the client has read it all, within `close_grace`.
+    let read = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        for seq in 1..=total {
+            let nm = expect_frame(&mut ws, "new-message").await;
+            assert_eq!(nm["seq_id"], seq);
+        }
+        assert_eq!(close_code(&expect_close(&mut ws).await), 1001);
+    };
+    let (stopped, ()) = tokio::join!(gw.stop(), read);
+    stopped.expect("run returned an error");
+}
