@@ -168,11 +168,15 @@ where
                     .await
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 let size = BodySize::Sized(body.len() as u64);
-                framed.send(h1::Message::Item((head, size))).await?;
+                // Head and body in one write, as the HTTP layer would send them (a client may
+                // read the answer to a failed handshake from its first read only).
+                framed.feed(h1::Message::Item((head, size))).await?;
                 if !body.is_empty() {
-                    framed.send(h1::Message::Chunk(Some(body))).await?;
+                    framed.feed(h1::Message::Chunk(Some(body))).await?;
                 }
-                framed.send(h1::Message::Chunk(None)).await?;
+                framed.feed(h1::Message::Chunk(None)).await?;
+                // `Framed::close` shuts the socket without flushing first.
+                framed.flush().await?;
                 framed.close().await
             };
             tokio::time::timeout(shared.settings.close_grace, answer)
