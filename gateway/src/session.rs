@@ -11,12 +11,12 @@
 //! The actor owns everything that is per-connection state: the socket (its [`WsReader`] as a
 //! stream of the context, its [`WsWriter`] as a field; see `wsio`), the heartbeat deadline, the
 //! abuse count, and the last seq delivered per conversation (so redelivered records are
-//! dropped). It never awaits: a frame it produces or a delivery it accepts is written to the
-//! socket at once when nothing waits before it, else it goes into the session's backlog, which
-//! a [`Flusher`] polled by the actor's own context drains as the socket takes more. No other
-//! task writes, so a delivery costs one wake-up of the actor and one system call. When the
-//! backlog holds `outbound_queue` frames the client is not reading fast enough and the session
-//! is closed with 1013; nothing is ever buffered without bound.
+//! dropped). It never awaits: a frame it produces or a delivery it accepts goes into the
+//! session's backlog, which a [`Flusher`] polled by the actor's own context writes after the
+//! handlers of each pass, all of the pass's frames in one vectored write, and again whenever
+//! the socket takes more. No other task writes. When frames held back by a full socket reach
+//! `outbound_queue` the client is not reading fast enough and the session is closed with 1013;
+//! nothing is ever buffered without bound.
 //!
 //! Opening: the writer holds the `101` response until the user's presence is reported (at most
 //! `presence_wait`), so from the moment a client sees its connection open every message stored
@@ -354,13 +354,7 @@ impl Session {
             };
             // Counted from here, so shutdown cannot miss it.
             let closing = self.shared.socket_closing();
-            actix_rt::spawn(close_socket(
-                ws,
-                backlog,
-                reason,
-                closing,
-                Arc::clone(&self.shared),
-            ));
+            actix_rt::spawn(close_socket(ws, backlog, reason, closing));
         }
         self.backlog.clear();
         self.backlog_len.store(0, Ordering::Relaxed);
@@ -410,6 +404,18 @@ impl Session {
         }
     }
 
+    /// Keeps the flusher's waker (for `push` and `open`) and parks it.
+    fn park_flusher(&mut self, task: &std::task::Context<'_>) -> Poll<()> {
+        if !self
+            .flush_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(task.waker()))
+        {
+            self.flush_waker = Some(task.waker().clone());
+        }
+        Poll::Pending
+    }
+
     /// Writes what the socket did not take yet, then the backlog, up to [`wsio::MAX_BATCH`]
     /// frames per vectored write, while the socket takes them. Polled by the actor's own
     /// context after its handlers, so every frame queued in one pass of the actor goes out in
@@ -423,10 +429,7 @@ impl Session {
             match ws.poll_flush(task) {
                 // The socket is full (its readiness wakes this context when it has room), or
                 // the writer is not open yet (`open` wakes it).
-                Poll::Pending => {
-                    self.flush_waker = Some(task.waker().clone());
-                    return Poll::Pending;
-                }
+                Poll::Pending => return self.park_flusher(task),
                 Poll::Ready(Err(Closed)) => {
                     self.gone(ctx);
                     return Poll::Ready(());
@@ -435,14 +438,7 @@ impl Session {
             }
             if self.backlog.is_empty() {
                 self.backlog_len.store(0, Ordering::Relaxed);
-                if !self
-                    .flush_waker
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(task.waker()))
-                {
-                    self.flush_waker = Some(task.waker().clone());
-                }
-                return Poll::Pending;
+                return self.park_flusher(task);
             }
             let n = self.backlog.len().min(wsio::MAX_BATCH);
             let sent = ws.send_batch(self.backlog.iter().take(n).map(Outbound::frame));
@@ -746,11 +742,11 @@ async fn close_socket(
     backlog: VecDeque<Outbound>,
     reason: Option<CloseReason>,
     closing: ClosingSocket,
-    shared: Arc<Shared>,
 ) {
+    let shared = closing.shared();
     let stats = &shared.stats;
     // The backlog is bounded (`outbound_queue`), so it may all wait in the writer: `close`
-    // writes it, and the close frame after it, within `grace`.
+    // writes it, and the close frame after it, within `close_grace`.
     for out in &backlog {
         let (opcode, payload) = out.frame();
         if ws.send(opcode, payload).is_err() {
@@ -759,5 +755,4 @@ async fn close_socket(
         stats.frame_out(out.kind());
     }
     ws.close(reason, shared.settings.close_grace).await;
-    drop(closing);
 }

@@ -35,6 +35,13 @@ pub(crate) struct Shared {
 /// One socket being closed, counted in [`Shared::closing_sockets`] until dropped.
 pub(crate) struct ClosingSocket(Arc<Shared>);
 
+impl ClosingSocket {
+    /// The gateway the socket belongs to.
+    pub fn shared(&self) -> &Shared {
+        &self.0
+    }
+}
+
 impl Drop for ClosingSocket {
     fn drop(&mut self) {
         self.0.closing_sockets.fetch_sub(1, Ordering::AcqRel);

@@ -10,8 +10,8 @@
 //!   incomplete; an idle connection holds no read buffer at all. Frames are parsed by
 //!   actix-http's WebSocket codec (the same parser actix-ws uses) and continuations are
 //!   aggregated here, up to a size limit.
-//! - [`WsWriter`] writes each frame straight to the socket with one vectored write (the frame
-//!   header from the stack, the payload from the shared text of the envelope: nothing copied).
+//! - [`WsWriter`] writes frames straight to the socket, a batch per vectored write (frame
+//!   headers from the stack, payloads from the shared text of the envelopes: nothing copied).
 //!   Only what the kernel does not take waits in `pending`, which the session's flusher drains
 //!   when the socket is writable again.
 //!
@@ -156,6 +156,16 @@ fn text(bytes: Bytes) -> Result<AggregatedMessage, ProtocolError> {
         .map_err(|e| ProtocolError::Io(io::Error::new(io::ErrorKind::InvalidData, e.to_string())))
 }
 
+/// One non-blocking read from `io` into the thread's scratch buffer; `f` sees what was read.
+fn read_scratch(io: &TcpStream, f: impl FnOnce(&[u8])) -> io::Result<usize> {
+    READ_SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let n = io.try_read(&mut scratch[..])?;
+        f(&scratch[..n]);
+        Ok(n)
+    })
+}
+
 impl WsReader {
     /// One decoded frame as a message, or `None` while a fragmented message is incomplete.
     fn message(&mut self, frame: Frame) -> Option<Result<AggregatedMessage, ProtocolError>> {
@@ -201,13 +211,8 @@ impl WsReader {
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         loop {
             ready!(self.io.poll_read_ready(cx))?;
-            let read = READ_SCRATCH.with(|scratch| {
-                let mut scratch = scratch.borrow_mut();
-                let n = self.io.try_read(&mut scratch[..])?;
-                self.buf.extend_from_slice(&scratch[..n]);
-                Ok::<_, io::Error>(n)
-            });
-            match read {
+            let buf = &mut self.buf;
+            match read_scratch(&self.io, |bytes| buf.extend_from_slice(bytes)) {
                 Ok(0) => return Poll::Ready(Ok(false)),
                 Ok(_) => return Poll::Ready(Ok(true)),
                 // The readiness was stale: `try_read` cleared it, so the next poll waits.
@@ -350,7 +355,7 @@ impl WsWriter {
         &mut self,
         frames: impl Iterator<Item = (OpCode, &'a [u8])>,
     ) -> Result<(), Closed> {
-        let mut batch: [(OpCode, &[u8]); MAX_BATCH] = [(OpCode::Text, &[]); MAX_BATCH];
+        let mut payloads: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
         let mut heads = [[0u8; 10]; MAX_BATCH];
         let mut head_lens = [0usize; MAX_BATCH];
         let mut n = 0;
@@ -360,7 +365,7 @@ impl WsWriter {
                 _ => &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)],
             };
             head_lens[n] = frame_header(&mut heads[n], opcode, payload.len());
-            batch[n] = (opcode, payload);
+            payloads[n] = payload;
             n += 1;
         }
         if n == 0 {
@@ -369,7 +374,7 @@ impl WsWriter {
         let mut slices = [IoSlice::new(&[]); 2 * MAX_BATCH];
         for i in 0..n {
             slices[2 * i] = IoSlice::new(&heads[i][..head_lens[i]]);
-            slices[2 * i + 1] = IoSlice::new(batch[i].1);
+            slices[2 * i + 1] = IoSlice::new(payloads[i]);
         }
         let written = if self.is_idle() {
             match self.io.try_write_vectored(&slices[..2 * n]) {
@@ -429,8 +434,7 @@ impl WsWriter {
                 if self.io.readable().await.is_err() {
                     return;
                 }
-                let read = READ_SCRATCH.with(|scratch| self.io.try_read(&mut scratch.borrow_mut()));
-                match read {
+                match read_scratch(&self.io, |_| {}) {
                     Ok(0) => return,
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

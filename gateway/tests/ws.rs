@@ -541,6 +541,21 @@ async fn a_client_that_does_not_read_is_closed_and_others_keep_receiving() {
     }
 }
 
+/// Publishes `total` new-message records of 16 KiB each (seq 1..=total) to `user`, and waits
+/// until the gateway's consumer has offered them all to the user's sessions.
+async fn publish_big_messages(gw: &TestGateway, user: &str, total: i64) {
+    let big = "y".repeat(16 * 1024);
+    for seq in 1..=total {
+        let mut msg = new_message(&[user], "s_1_2", seq);
+        msg.content = big.clone();
+        gw.publish_down(user, &msg).await;
+    }
+    gw.wait_stats("every delivery consumed", |s| {
+        s.downstream_records >= total as u64
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_client_that_pauses_reading_gets_every_frame_in_order_afterwards() {
     let gw = TestGateway::start(GatewaySettings {
@@ -550,20 +565,11 @@ async fn a_client_that_pauses_reading_gets_every_frame_in_order_afterwards() {
     let (id, tok) = gw.logic.add_user("sleepy");
     let mut ws = connect_small_buffer(&gw, &tok).await;
 
-    // 9.6 MB while the client reads nothing: more than the socket buffers and actix-ws's
-    // channel hold, so the session keeps the rest in its backlog and must drain it once the
-    // client reads again (a lost wake-up would stall the reads below until GUARD).
-    let big = "y".repeat(16 * 1024);
+    // 9.6 MB while the client reads nothing: more than the socket buffers hold, so the
+    // session keeps the rest in its backlog and must drain it once the client reads again (a
+    // lost wake-up would stall the reads below until GUARD).
     let total = 600;
-    for seq in 1..=total {
-        let mut msg = new_message(&[&id], "s_1_2", seq);
-        msg.content = big.clone();
-        gw.publish_down(&id, &msg).await;
-    }
-    gw.wait_stats("every delivery consumed", |s| {
-        s.downstream_records >= total as u64
-    })
-    .await;
+    publish_big_messages(&gw, &id, total).await;
     for seq in 1..=total {
         let nm = expect_frame(&mut ws, "new-message").await;
         assert_eq!(nm["seq_id"], seq);
@@ -900,17 +906,7 @@ async fn shutdown_delivers_a_backed_up_clients_frames_then_1001() {
     let (id, tok) = gw.logic.add_user("sleepy");
     let mut ws = connect_small_buffer(&gw, &tok).await;
     // More than the socket buffers hold, while the client reads nothing.
-    let big = "z".repeat(16 * 1024);
-    let total = 200;
-    for seq in 1..=total {
-        let mut msg = new_message(&[&id], "s_1_2", seq);
-        msg.content = big.clone();
-        gw.publish_down(&id, &msg).await;
-    }
-    gw.wait_stats("every delivery consumed", |s| {
-        s.downstream_records >= total as u64
-    })
-    .await;
+    publish_big_messages(&gw, &id, 200).await;
     // Shutdown drains a session's backlog before the 1001: the gateway must keep the socket
     // (and its worker) until the client has read it all, within `close_grace`.
     // The client ends its side once it has the close (the gateway waits for that, up to
