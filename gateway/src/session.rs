@@ -377,10 +377,21 @@ impl Session {
         let Some(ws) = self.ws.as_ref() else {
             return;
         };
-        // Only frames held back by a full socket count against the limit: those queued in
-        // one pass of the actor go out together at its end.
+        // Only frames held back count against the limit: those queued in one pass of the actor
+        // go out together at its end.
         let backed_up = !ws.is_idle();
+        // Held back by the client (a full socket), not by the `101` waiting for presence.
+        let slow = backed_up && ws.is_open();
         if backed_up && self.backlog.len() >= self.shared.settings.outbound_queue.max(1) {
+            if !slow {
+                // The client has not seen its connection open yet, so it cannot be slow. A
+                // busy conversation (the world room) may still fill the queue meanwhile: drop
+                // what does not fit rather than the connection. Every such frame is a message
+                // stored before the client sees the `101`, which its resync finds (the seq
+                // gap after the first new-message tells it to).
+                self.shared.stats.held_dropped();
+                return;
+            }
             return self.close(
                 ctx,
                 CloseCode::Again,
@@ -389,13 +400,13 @@ impl Session {
                 false,
             );
         }
-        // Frames held back by a full socket (or a writer not open yet) count as depth; frames
-        // queued in this pass of the actor go out together at its end.
+        // Frames held back by a full socket count as depth (as do the session's slow-session
+        // figures); frames queued in this pass of the actor go out together at its end.
         self.shared
             .stats
-            .outbound_depth(if backed_up { self.backlog.len() + 1 } else { 0 });
+            .outbound_depth(if slow { self.backlog.len() + 1 } else { 0 });
         self.backlog.push_back(out);
-        if backed_up {
+        if slow {
             self.backlog_len
                 .store(self.backlog.len(), Ordering::Relaxed);
         }

@@ -134,6 +134,7 @@ pub struct GatewayStats {
     downstream_records: AtomicU64,
     downstream_malformed: AtomicU64,
     duplicates_dropped: AtomicU64,
+    held_dropped: AtomicU64,
     closed_slow: AtomicU64,
     closed_abuse: AtomicU64,
     closed_heartbeat: AtomicU64,
@@ -163,6 +164,8 @@ pub struct StatsSnapshot {
     pub downstream_malformed: u64,
     /// `new-message` deliveries a session dropped as already delivered (seq not above the last).
     pub duplicates_dropped: u64,
+    /// Frames dropped while a session's `101` waited for presence and it held a full queue.
+    pub held_dropped: u64,
     /// Sessions closed as too slow (1013).
     pub closed_slow: u64,
     /// Sessions closed for abuse (1008).
@@ -211,6 +214,7 @@ impl GatewayStats {
             downstream_records: get(&self.downstream_records),
             downstream_malformed: get(&self.downstream_malformed),
             duplicates_dropped: get(&self.duplicates_dropped),
+            held_dropped: get(&self.held_dropped),
             closed_slow: get(&self.closed_slow),
             closed_abuse: get(&self.closed_abuse),
             closed_heartbeat: get(&self.closed_heartbeat),
@@ -281,6 +285,11 @@ impl GatewayStats {
     pub(crate) fn duplicate_dropped(&self) {
         bump(&self.duplicates_dropped);
         counter!(t::GATEWAY_DUPLICATES_DROPPED).increment(1);
+    }
+
+    pub(crate) fn held_dropped(&self) {
+        bump(&self.held_dropped);
+        counter!(t::GATEWAY_HELD_DROPPED).increment(1);
     }
 
     pub(crate) fn closed(&self, cause: CloseCause) {

@@ -336,6 +336,11 @@ impl WsWriter {
         self.open = true;
     }
 
+    /// Whether bytes may go to the socket (the `101` was let out).
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
     /// Whether a frame sent now goes straight to the socket: open, and nothing waiting.
     pub fn is_idle(&self) -> bool {
         self.open && self.pending.is_empty()

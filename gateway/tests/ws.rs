@@ -448,6 +448,63 @@ async fn the_upgrade_is_answered_once_presence_is_reported() {
     assert_eq!(gw.stats.snapshot().presence_late, 0);
 }
 
+/// A connection whose `101` waits for the presence report is not a slow client: what its queue
+/// cannot hold meanwhile is dropped (its resync finds those messages), never the connection.
+#[tokio::test]
+async fn a_held_upgrade_drops_what_does_not_fit_and_still_opens() {
+    let gw = TestGateway::start(GatewaySettings {
+        presence_wait: Duration::from_secs(60),
+        outbound_queue: 4,
+        ..test_settings()
+    });
+    let (u, utok) = gw.logic.add_user("alice");
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    gw.logic.lock().presence_gate = Some(gate.clone());
+    let url = gw.ws_url(&utok);
+    let client = tokio::spawn(async move {
+        tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connect")
+            .0
+    });
+    let connected = format!("UserConnected:{u}:gw-1");
+    gw.wait_calls("UserConnected", |c| c.contains(&connected))
+        .await;
+    gw.wait_stats("the session is registered", |s| s.connections == 1)
+        .await;
+    // The first four fill the queue (the delivery channel holds four too, and the actor takes
+    // them in its own time); each later one is dropped by the actor, one at a time, so the
+    // delivery channel never overflows (that would be a slow client too).
+    for seq in 1..=4 {
+        gw.publish_down(&u, &new_message(&[&u], "s_1_2", seq)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for seq in 5..=10 {
+        gw.publish_down(&u, &new_message(&[&u], "s_1_2", seq)).await;
+        gw.wait_stats("what does not fit is dropped", |s| {
+            s.held_dropped == seq as u64 - 4
+        })
+        .await;
+    }
+    assert_eq!(gw.stats.snapshot().closed_slow, 0);
+
+    gate.add_permits(1);
+    let mut ws = tokio::time::timeout(GUARD, client)
+        .await
+        .expect("connect timed out")
+        .expect("client task");
+    for seq in 1..=4 {
+        let nm = expect_frame(&mut ws, "new-message").await;
+        assert_eq!(nm["seq_id"], seq);
+    }
+    gw.publish_down(&u, &new_message(&[&u], "s_1_2", 11)).await;
+    let nm = expect_frame(&mut ws, "new-message").await;
+    assert_eq!(nm["seq_id"], 11, "the gap tells the client to resync");
+    ping_pong(&mut ws).await;
+    let stats = gw.stats.snapshot();
+    assert_eq!((stats.closed_slow, stats.held_dropped), (0, 6));
+}
+
 #[tokio::test]
 async fn an_upgrade_opens_anyway_when_presence_cannot_be_reported() {
     let gw = TestGateway::start(GatewaySettings {

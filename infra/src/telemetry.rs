@@ -68,6 +68,9 @@ pub const GATEWAY_DOWNSTREAM_RECORDS: &str = "gochat_gateway_downstream_records_
 pub const GATEWAY_DOWNSTREAM_MALFORMED: &str = "gochat_gateway_downstream_malformed_total";
 /// Counter: `new-message` deliveries dropped as already delivered to the session.
 pub const GATEWAY_DUPLICATES_DROPPED: &str = "gochat_gateway_duplicates_dropped_total";
+/// Counter: frames a connection dropped while its `101` was held for the presence report, once
+/// it held `outbound_queue` frames already (its resync after opening finds the messages).
+pub const GATEWAY_HELD_DROPPED: &str = "gochat_gateway_held_dropped_total";
 /// Counter: errors answered to clients, by `code` and `transport` ("ws" error frames, "http"
 /// error responses).
 pub const GATEWAY_ERRORS: &str = "gochat_gateway_errors_total";
@@ -270,6 +273,10 @@ fn describe() {
     describe_counter!(
         GATEWAY_DUPLICATES_DROPPED,
         "new-message deliveries dropped as already delivered to the session."
+    );
+    describe_counter!(
+        GATEWAY_HELD_DROPPED,
+        "Frames dropped while a connection's 101 waited for its presence report and it already held outbound_queue frames."
     );
     describe_counter!(
         GATEWAY_ERRORS,
