@@ -617,6 +617,8 @@ macro_rules! impl_sql_store {
                 let mut prepared =
                     $crate::store::sql::Prepared::new(batch, gochat_infra::time::now_ms())?;
                 prepared.mark_read = mark_read;
+                // Shared, not copied, by each attempt (SQLite queues it for a group commit).
+                let prepared = std::sync::Arc::new(prepared);
                 let mut attempt = 0usize;
                 loop {
                     match self.save_once(&prepared).await {

@@ -53,7 +53,10 @@ pub struct SqliteStore {
 }
 
 /// A batch waiting for the writer, with where its outcome goes.
-type Queued = (Prepared, oneshot::Sender<Result<Vec<SaveOutcome>, TxError>>);
+type Queued = (
+    Arc<Prepared>,
+    oneshot::Sender<Result<Vec<SaveOutcome>, TxError>>,
+);
 
 /// The batches of the next group commit.
 #[derive(Default)]
@@ -138,11 +141,11 @@ impl SqliteStore {
 
     /// One attempt at storing a batch: it joins the queue of the next group commit, and the
     /// batch's caller starts the committer when none runs.
-    async fn save_once(&self, prepared: &Prepared) -> Result<Vec<SaveOutcome>, TxError> {
+    async fn save_once(&self, prepared: &Arc<Prepared>) -> Result<Vec<SaveOutcome>, TxError> {
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut q = self.inner.queue();
-            q.batches.push((prepared.clone(), tx));
+            q.batches.push((Arc::clone(prepared), tx));
             !std::mem::replace(&mut q.committing, true)
         };
         if start {
@@ -168,6 +171,7 @@ impl SqliteStore {
 /// The SQLite save path, on the sync connection (diesel's sync query methods, not diesel-async's).
 mod sync_save {
     use std::collections::BTreeSet;
+    use std::sync::Arc;
 
     use diesel::prelude::*;
     use diesel::sql_types::{BigInt, Text};
@@ -207,7 +211,7 @@ mod sync_save {
     /// [`save_sync`] would give alone.
     pub(super) fn save_merged(
         c: &mut SqliteConnection,
-        batches: &[Prepared],
+        batches: &[Arc<Prepared>],
     ) -> Result<Option<Vec<Vec<SaveOutcome>>>, TxError> {
         if batches.iter().map(|p| p.batch.len()).sum::<usize>() > MERGE_MAX_MESSAGES {
             return Ok(None);
@@ -579,7 +583,7 @@ impl Stored {
 /// collide or fail, batch by batch, each in a savepoint of its own, so one batch's failure is
 /// that batch's alone.
 fn commit_group(c: &mut SqliteConnection, queued: Vec<Queued>) -> Stored {
-    let (batches, senders): (Vec<Prepared>, Vec<_>) = queued.into_iter().unzip();
+    let (batches, senders): (Vec<Arc<Prepared>>, Vec<_>) = queued.into_iter().unzip();
     let mut how = Stored::OneByOne;
     let outcome = c.transaction::<_, TxError, _>(|c| {
         if batches.len() > 1 {
@@ -752,7 +756,7 @@ mod tests {
             let (tx, rx) = oneshot::channel();
             let mut p = Prepared::new(b, 1_700_000_000_000).expect("valid");
             p.mark_read = mark_read;
-            queued.push((p, tx));
+            queued.push((Arc::new(p), tx));
             answers.push(rx);
         }
         let mut conn = store.inner.writer.lock().await;
