@@ -19,7 +19,7 @@
 //! until [`WsWriter::open`], so the session can join the registry, and even receive
 //! deliveries, before the client is told the upgrade succeeded.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -53,6 +53,22 @@ thread_local! {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Closed;
 
+/// The socket, shared by the two halves, and what the writer's close needs to know of the
+/// reader.
+struct Io {
+    stream: TcpStream,
+    /// The reader holds no part of a frame: bytes read from here on start at a frame header.
+    between_frames: Cell<bool>,
+}
+
+impl std::ops::Deref for Io {
+    type Target = TcpStream;
+
+    fn deref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
 /// Frame opcodes the server sends (RFC 6455 §5.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OpCode {
@@ -70,7 +86,10 @@ pub(crate) fn split(
     max_frame: usize,
     max_message: usize,
 ) -> (WsReader, WsWriter) {
-    let io = Rc::new(io);
+    let io = Rc::new(Io {
+        stream: io,
+        between_frames: Cell::new(early.is_empty()),
+    });
     // `early` is the HTTP layer's read buffer (8 KiB or more): keep its bytes, not its room.
     let early = if early.is_empty() {
         BytesMut::new()
@@ -98,7 +117,7 @@ pub(crate) fn split(
 
 /// The messages a client sends, continuations joined: a `Stream` for the session actor.
 pub(crate) struct WsReader {
-    io: Rc<TcpStream>,
+    io: Rc<Io>,
     /// The bytes of a frame not yet complete (empty, with no allocation, between frames).
     buf: BytesMut,
     codec: Codec,
@@ -214,7 +233,10 @@ impl WsReader {
             let buf = &mut self.buf;
             match read_scratch(&self.io, |bytes| buf.extend_from_slice(bytes)) {
                 Ok(0) => return Poll::Ready(Ok(false)),
-                Ok(_) => return Poll::Ready(Ok(true)),
+                Ok(_) => {
+                    self.io.between_frames.set(false);
+                    return Poll::Ready(Ok(true));
+                }
                 // The readiness was stale: `try_read` cleared it, so the next poll waits.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
@@ -252,6 +274,7 @@ impl Stream for WsReader {
                         if this.buf.is_empty() {
                             // Let go of the allocation: the next frame starts a new one.
                             this.buf = BytesMut::new();
+                            this.io.between_frames.set(true);
                         }
                         match this.message(frame) {
                             Some(item) => return Poll::Ready(Some(item)),
@@ -278,7 +301,7 @@ impl Stream for WsReader {
 
 /// The sending half: frames go to the socket as they are sent.
 pub(crate) struct WsWriter {
-    io: Rc<TcpStream>,
+    io: Rc<Io>,
     /// Encoded bytes the socket has not taken yet (empty, with no allocation, when idle).
     pending: BytesMut,
     /// Whether bytes may go to the socket yet (see [`WsWriter::open`]).
@@ -328,6 +351,50 @@ fn close_payload(reason: Option<CloseReason>) -> Vec<u8> {
         payload.extend_from_slice(&description.as_bytes()[..end]);
     }
     payload
+}
+
+/// Finds the client's close frame in what it sends while the server's close lingers, holding
+/// no more than one read's bytes: payloads are skipped, not kept.
+#[derive(Default)]
+struct CloseScan {
+    /// The start of the next frame (at most one read's worth, usually a header).
+    buf: BytesMut,
+    /// Payload bytes of the current frame not read yet.
+    skip: usize,
+    /// A header that cannot be right: stop looking (the end of stream still ends the wait).
+    lost: bool,
+}
+
+/// A frame header announcing more than this is taken for garbage by [`CloseScan`].
+const SCAN_MAX_PAYLOAD: usize = 1 << 40;
+
+impl CloseScan {
+    /// Whether `bytes`, following what was scanned before, hold the start of a close frame.
+    fn saw_close(&mut self, bytes: &[u8]) -> bool {
+        if self.lost {
+            return false;
+        }
+        let n = self.skip.min(bytes.len());
+        self.skip -= n;
+        self.buf.extend_from_slice(&bytes[n..]);
+        loop {
+            match frame_len(&self.buf, SCAN_MAX_PAYLOAD) {
+                Ok(None) => return false,
+                Err(_) => {
+                    self.lost = true;
+                    self.buf = BytesMut::new();
+                    return false;
+                }
+                Ok(Some(_)) if self.buf[0] & 0x0F == OpCode::Close as u8 => return true,
+                Ok(Some(len)) if self.buf.len() >= len => self.buf.advance(len),
+                Ok(Some(len)) => {
+                    self.skip = len - self.buf.len();
+                    self.buf.clear();
+                    return false;
+                }
+            }
+        }
+    }
 }
 
 impl WsWriter {
@@ -434,13 +501,21 @@ impl WsWriter {
             {
                 return;
             }
-            let _ = socket2::SockRef::from(&*self.io).shutdown(std::net::Shutdown::Write);
+            let _ = socket2::SockRef::from(&self.io.stream).shutdown(std::net::Shutdown::Write);
+            // Read (and drop) what the client still sends, until its close frame or its end
+            // of stream. Frames are only told apart when the reader stopped between two;
+            // otherwise only the end of stream ends the wait.
+            let mut scan = self.io.between_frames.get().then(CloseScan::default);
             loop {
                 if self.io.readable().await.is_err() {
                     return;
                 }
-                match read_scratch(&self.io, |_| {}) {
+                let mut closed = false;
+                match read_scratch(&self.io, |bytes| {
+                    closed = scan.as_mut().is_some_and(|s| s.saw_close(bytes));
+                }) {
                     Ok(0) => return,
+                    Ok(_) if closed => return,
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(_) => return,
@@ -646,6 +721,64 @@ mod tests {
             frame_len(&huge, 1 << 20),
             Err(ProtocolError::Overflow)
         ));
+    }
+
+    /// A masked client frame of any length and opcode.
+    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x80 | opcode];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= usize::from(u16::MAX) => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&[9, 9, 9, 9]);
+        out.extend(payload.iter().map(|b| b ^ 9));
+        out
+    }
+
+    /// The lingering close finds the client's close frame behind other frames, whatever the
+    /// reads cut them into, without keeping payloads; a header that cannot be right ends the
+    /// search (the end of stream still ends the wait).
+    #[test]
+    fn the_close_scan_finds_the_close_frame_wherever_reads_cut() {
+        let mut stream = client_frame(0x1, b"hello");
+        stream.extend(client_frame(0x1, &vec![b'x'; 70_000]));
+        stream.extend(client_frame(0x9, b"ping"));
+        let close_at = stream.len();
+        stream.extend(client_frame(0x8, &1000u16.to_be_bytes()));
+        for cut in [1, 2, 3, 7, 100, 4096, 16 * 1024, stream.len()] {
+            let mut scan = CloseScan::default();
+            let mut seen = None;
+            for (i, chunk) in stream.chunks(cut).enumerate() {
+                assert!(
+                    scan.buf.len() <= cut.max(14),
+                    "cut {cut}: kept {}",
+                    scan.buf.len()
+                );
+                if scan.saw_close(chunk) {
+                    seen = Some(i * cut + chunk.len());
+                    break;
+                }
+            }
+            let seen = seen.unwrap_or_else(|| panic!("cut {cut}: no close found"));
+            assert!(seen > close_at, "cut {cut}: close reported before it came");
+        }
+
+        let mut scan = CloseScan::default();
+        assert!(!scan.saw_close(&client_frame(0x1, b"just text")));
+        let mut garbage = vec![0x81, 0xFF];
+        garbage.extend_from_slice(&u64::MAX.to_be_bytes());
+        assert!(!scan.saw_close(&garbage));
+        assert!(
+            !scan.saw_close(&client_frame(0x8, b"")),
+            "lost: no more frames told apart"
+        );
     }
 
     #[test]

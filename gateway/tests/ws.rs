@@ -951,6 +951,47 @@ async fn an_upgrade_the_http_layer_keeps_as_http_is_refused_not_answered_101() {
     assert_eq!(gw.stats.snapshot().connections, 0);
 }
 
+/// After the server's close frame, a client that answers with its own close but keeps its TCP
+/// side open does not hold the socket, nor the gateway's shutdown, for `close_grace`.
+#[tokio::test]
+async fn a_client_that_answers_the_close_but_keeps_tcp_open_does_not_hold_shutdown() {
+    use tokio::io::AsyncWriteExt;
+    let gw = TestGateway::start(GatewaySettings {
+        // Far longer than GUARD: waiting for the client's end of stream would fail the test.
+        close_grace: Duration::from_secs(120),
+        ..test_settings()
+    });
+    let (_, token) = gw.logic.add_user("alice");
+    let mut sock = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    sock.write_all(upgrade_request(&format!("/ws?token={token}")).as_bytes())
+        .await
+        .expect("write");
+    let (head, mut pending) = read_head(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    sock.write_all(&client_frame(0x1, true, PING_FRAME))
+        .await
+        .expect("write");
+    let (_, payload) = read_frame(&mut sock, &mut pending).await;
+    assert!(String::from_utf8_lossy(&payload).contains("\"pong\""));
+
+    let stop = tokio::spawn(gw.stop());
+    let (first, payload) = read_frame(&mut sock, &mut pending).await;
+    assert_eq!(first, 0x88, "a close frame");
+    assert_eq!(payload[..2], 1001u16.to_be_bytes());
+    // The client's close, after a last text frame; its TCP side stays open.
+    let mut bytes = client_frame(0x1, true, PING_FRAME);
+    bytes.extend(client_frame(0x8, true, &1001u16.to_be_bytes()));
+    sock.write_all(&bytes).await.expect("write");
+    tokio::time::timeout(GUARD, stop)
+        .await
+        .expect("shutdown waited for the client's end of stream")
+        .expect("join")
+        .expect("run returned an error");
+    drop(sock);
+}
+
 #[tokio::test]
 async fn shutdown_delivers_a_backed_up_clients_frames_then_1001() {
     let gw = TestGateway::start(GatewaySettings {
