@@ -377,18 +377,19 @@ impl Session {
         let Some(ws) = self.ws.as_ref() else {
             return;
         };
-        // Only frames held back count against the limit: those queued in one pass of the actor
-        // go out together at its end.
-        let backed_up = !ws.is_idle();
-        // Held back by the client (a full socket), not by the `101` waiting for presence.
-        let slow = backed_up && ws.is_open();
-        if backed_up && self.backlog.len() >= self.shared.settings.outbound_queue.max(1) {
-            if !slow {
+        // Only frames held back count against the limit (those queued in one pass of the actor
+        // go out together at its end): held for the `101`, which waits for presence, or held
+        // back by the client, whose socket is full.
+        let held = !ws.is_open();
+        let slow = !held && !ws.is_idle();
+        if (held || slow) && self.backlog.len() >= self.shared.settings.outbound_queue.max(1) {
+            if held {
                 // The client has not seen its connection open yet, so it cannot be slow. A
                 // busy conversation (the world room) may still fill the queue meanwhile: drop
-                // what does not fit rather than the connection. Every such frame is a message
-                // stored before the client sees the `101`, which its resync finds (the seq
-                // gap after the first new-message tells it to).
+                // what does not fit rather than the connection. Such frames are messages
+                // stored (or presence changes made) before the client sees the `101`: its
+                // resync finds the messages (the seq gap after the first new-message tells
+                // it to).
                 self.shared.stats.held_dropped();
                 return;
             }
@@ -750,20 +751,20 @@ impl ActorFuture<Session> for Flusher {
 /// shutting down waits for these before it stops its workers (which would drop them).
 async fn close_socket(
     mut ws: WsWriter,
-    backlog: VecDeque<Outbound>,
+    mut backlog: VecDeque<Outbound>,
     reason: Option<CloseReason>,
     closing: ClosingSocket,
 ) {
     let shared = closing.shared();
-    let stats = &shared.stats;
     // The backlog is bounded (`outbound_queue`), so it may all wait in the writer: `close`
-    // writes it, and the close frame after it, within `close_grace`.
-    for out in &backlog {
-        let (opcode, payload) = out.frame();
-        if ws.send(opcode, payload).is_err() {
+    // writes it, and the close frame after it, within `close_grace`. Batched as `flush` does.
+    for batch in backlog.make_contiguous().chunks(wsio::MAX_BATCH) {
+        if ws.send_batch(batch.iter().map(Outbound::frame)).is_err() {
             return;
         }
-        stats.frame_out(out.kind());
+        for out in batch {
+            shared.stats.frame_out(out.kind());
+        }
     }
     ws.close(reason, shared.settings.close_grace).await;
 }

@@ -721,6 +721,20 @@ async fn read_head(sock: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
 }
 
 /// Reads one unmasked server frame: (first byte, payload).
+/// A raw socket upgraded to WebSocket for `token`, and the bytes read past the `101` head.
+async fn raw_upgrade(gw: &TestGateway, token: &str) -> (tokio::net::TcpStream, Vec<u8>) {
+    use tokio::io::AsyncWriteExt;
+    let mut sock = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    sock.write_all(upgrade_request(&format!("/ws?token={token}")).as_bytes())
+        .await
+        .expect("write");
+    let (head, pending) = read_head(&mut sock).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (sock, pending)
+}
+
 async fn read_frame(sock: &mut tokio::net::TcpStream, pending: &mut Vec<u8>) -> (u8, Vec<u8>) {
     use tokio::io::AsyncReadExt;
     let read = async {
@@ -832,14 +846,7 @@ async fn a_fragmented_message_over_the_limit_closes_with_1009() {
     };
     let gw = TestGateway::start(settings);
     let (_, token) = gw.logic.add_user("alice");
-    let mut sock = tokio::net::TcpStream::connect(gw.addr)
-        .await
-        .expect("connect");
-    sock.write_all(upgrade_request(&format!("/ws?token={token}")).as_bytes())
-        .await
-        .expect("write");
-    let (head, mut pending) = read_head(&mut sock).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut sock, mut pending) = raw_upgrade(&gw, &token).await;
     // Each fragment is under the frame limit; together they are far over it.
     let part = vec![b'x'; 1000];
     let mut bytes = client_frame(0x1, false, &part);
@@ -913,14 +920,7 @@ async fn a_frame_announcing_more_than_the_limit_closes_with_1009_before_its_payl
     use tokio::io::AsyncWriteExt;
     let gw = TestGateway::start(test_settings());
     let (_, token) = gw.logic.add_user("alice");
-    let mut sock = tokio::net::TcpStream::connect(gw.addr)
-        .await
-        .expect("connect");
-    sock.write_all(upgrade_request(&format!("/ws?token={token}")).as_bytes())
-        .await
-        .expect("write");
-    let (head, mut pending) = read_head(&mut sock).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut sock, mut pending) = raw_upgrade(&gw, &token).await;
     // A masked text frame header announcing 2^62 bytes, and none of them: the server must
     // refuse it from the header alone instead of waiting (and buffering) for the payload.
     let mut header = vec![0x81, 0x80 | 127];
@@ -962,14 +962,7 @@ async fn a_client_that_answers_the_close_but_keeps_tcp_open_does_not_hold_shutdo
         ..test_settings()
     });
     let (_, token) = gw.logic.add_user("alice");
-    let mut sock = tokio::net::TcpStream::connect(gw.addr)
-        .await
-        .expect("connect");
-    sock.write_all(upgrade_request(&format!("/ws?token={token}")).as_bytes())
-        .await
-        .expect("write");
-    let (head, mut pending) = read_head(&mut sock).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut sock, mut pending) = raw_upgrade(&gw, &token).await;
     sock.write_all(&client_frame(0x1, true, PING_FRAME))
         .await
         .expect("write");

@@ -227,7 +227,7 @@ macro_rules! retry_tx {
 pub(crate) use retry_tx;
 
 /// A batch checked and indexed for storage, shared by both backends' save paths.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Prepared {
     /// The messages as asked, `created_at` filled in.
     pub batch: Vec<Message>,
