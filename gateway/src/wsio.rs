@@ -157,6 +157,16 @@ fn frame_len(buf: &[u8], max_payload: usize) -> Result<Option<usize>, ProtocolEr
     Ok(Some(header + mask + payload as usize))
 }
 
+/// RSV1, RSV2 and RSV3 of a frame's first byte.
+const RESERVED_BITS: u8 = 0x70;
+
+/// The error a frame with a reserved bit set gives (the session closes with 1002).
+fn reserved_bits_set() -> ProtocolError {
+    ProtocolError::Io(io::Error::other(
+        "a reserved bit is set and no extension was negotiated",
+    ))
+}
+
 /// The error a message over the continuation limit gives (the session closes with 1009).
 pub(crate) fn message_too_large() -> ProtocolError {
     ProtocolError::Io(io::Error::other(
@@ -257,6 +267,12 @@ impl Stream for WsReader {
             // The codec is only given whole frames: a header announcing more than the frame
             // limit is refused before anything is buffered, and the buffer grows only with
             // what the client actually sent.
+            // No extension is negotiated, so a frame with a reserved bit set breaks the
+            // protocol (RFC 6455 §5.2): closed with 1002 before its payload is read.
+            if this.buf.first().is_some_and(|b| b & RESERVED_BITS != 0) {
+                this.done = true;
+                return Poll::Ready(Some(Err(reserved_bits_set())));
+            }
             let whole = match frame_len(&this.buf, this.max_frame) {
                 Err(err) => {
                     this.done = true;

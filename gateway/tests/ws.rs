@@ -720,7 +720,6 @@ async fn read_head(sock: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
         .expect("response head")
 }
 
-/// Reads one unmasked server frame: (first byte, payload).
 /// A raw socket upgraded to WebSocket for `token`, and the bytes read past the `101` head.
 async fn raw_upgrade(gw: &TestGateway, token: &str) -> (tokio::net::TcpStream, Vec<u8>) {
     use tokio::io::AsyncWriteExt;
@@ -735,6 +734,7 @@ async fn raw_upgrade(gw: &TestGateway, token: &str) -> (tokio::net::TcpStream, V
     (sock, pending)
 }
 
+/// Reads one unmasked server frame: (first byte, payload).
 async fn read_frame(sock: &mut tokio::net::TcpStream, pending: &mut Vec<u8>) -> (u8, Vec<u8>) {
     use tokio::io::AsyncReadExt;
     let read = async {
@@ -913,6 +913,30 @@ async fn other_upgrade_requests_get_their_answer_and_the_connection_closes() {
     assert_eq!(resp.status().as_u16(), 400);
     let err: serde_json::Value = resp.json().await.expect("ErrorResponse");
     assert_eq!(err["code"], 1001);
+}
+
+#[tokio::test]
+async fn a_frame_with_a_reserved_bit_set_closes_with_1002() {
+    use tokio::io::AsyncWriteExt;
+    let gw = TestGateway::start(test_settings());
+    let (_, token) = gw.logic.add_user("alice");
+    for rsv in [0x40u8, 0x20, 0x10] {
+        let (mut sock, mut pending) = raw_upgrade(&gw, &token).await;
+        // A valid ping frame first: the session answers it, so the refusal below is the
+        // reserved bit's and not the connection's.
+        let mut frame = client_frame(0x1, true, PING_FRAME);
+        sock.write_all(&frame).await.expect("write");
+        let (first, payload) = read_frame(&mut sock, &mut pending).await;
+        assert_eq!(first, 0x81, "a text frame");
+        assert!(String::from_utf8_lossy(&payload).contains("pong"));
+        // The same text frame with a reserved bit set (what a compressed frame looks like
+        // to a server that negotiated no extension): valid UTF-8 or not, it is a protocol error.
+        frame[0] |= rsv;
+        sock.write_all(&frame).await.expect("write");
+        let (first, payload) = read_frame(&mut sock, &mut pending).await;
+        assert_eq!(first, 0x88, "a close frame");
+        assert_eq!(payload[..2], 1002u16.to_be_bytes(), "rsv {rsv:#x}");
+    }
 }
 
 #[tokio::test]
