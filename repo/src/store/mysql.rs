@@ -199,6 +199,11 @@ impl MysqlStore {
             .await
             .map_err(|e| StoreError::Unavailable(format!("mysql pool: {e}")))
     }
+
+    /// Point reads share the pool: a MySQL query is network I/O, never a blocked thread.
+    async fn quick_reader(&self) -> StoreResult<Object<AsyncMysqlConnection>> {
+        self.reader().await
+    }
 }
 
 /// Applies pending migrations to the database at `url`.

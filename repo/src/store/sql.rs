@@ -1,8 +1,10 @@
 //! The query code of both SQL backends, written once.
 //!
 //! [`impl_sql_store!`] expands the whole [`Store`](super::Store) implementation for a backend
-//! type that has two inherent methods, `writer()` and `reader()`, each returning a guard that
-//! dereferences to a diesel-async connection. Diesel checks every query against the concrete
+//! type that has three inherent methods, `writer()`, `reader()` and `quick_reader()`, each
+//! returning a guard that dereferences to a diesel-async connection. `quick_reader()` is for
+//! reads of a few rows by key (SQLite runs them on the caller's thread, see
+//! `sqlite::Inline`); anything that may read many rows takes `reader()`. Diesel checks every query against the concrete
 //! backend at each expansion, so a query that one engine cannot run fails to compile.
 //!
 //! Portability rules the queries follow: ids come from the application (no `RETURNING`, no
@@ -446,7 +448,7 @@ macro_rules! impl_sql_store {
                 id: i64,
             ) -> $crate::store::StoreResult<Option<$crate::model::User>> {
                 use $crate::schema::users;
-                let mut conn = self.reader().await?;
+                let mut conn = self.quick_reader().await?;
                 users::table
                     .find(id)
                     .select($crate::model::User::as_select())
@@ -461,7 +463,7 @@ macro_rules! impl_sql_store {
                 username: &str,
             ) -> $crate::store::StoreResult<Option<$crate::model::User>> {
                 use $crate::schema::users;
-                let mut conn = self.reader().await?;
+                let mut conn = self.quick_reader().await?;
                 users::table
                     .filter(users::username.eq(username))
                     .select($crate::model::User::as_select())
@@ -596,7 +598,7 @@ macro_rules! impl_sql_store {
                 id: i64,
             ) -> $crate::store::StoreResult<Option<$crate::model::AuthSession>> {
                 use $crate::schema::auth_sessions;
-                let mut conn = self.reader().await?;
+                let mut conn = self.quick_reader().await?;
                 auth_sessions::table
                     .find(id)
                     .select($crate::model::AuthSession::as_select())
@@ -640,7 +642,7 @@ macro_rules! impl_sql_store {
                 id: i64,
             ) -> $crate::store::StoreResult<Option<$crate::model::Message>> {
                 use $crate::schema::messages;
-                let mut conn = self.reader().await?;
+                let mut conn = self.quick_reader().await?;
                 messages::table
                     .find(id)
                     .select($crate::model::Message::as_select())
@@ -656,7 +658,7 @@ macro_rules! impl_sql_store {
                 client_msg_id: &str,
             ) -> $crate::store::StoreResult<Option<$crate::model::Message>> {
                 use $crate::schema::messages;
-                let mut conn = self.reader().await?;
+                let mut conn = self.quick_reader().await?;
                 messages::table
                     .filter(messages::sender_id.eq(sender))
                     .filter(messages::client_msg_id.eq(client_msg_id))
@@ -718,7 +720,7 @@ macro_rules! impl_sql_store {
 
             async fn seq_floor(&self, conversation: &str) -> $crate::store::StoreResult<i64> {
                 use $crate::schema::{conversations, messages};
-                let mut conn = self.reader().await?;
+                let mut conn = self.quick_reader().await?;
                 let row: Option<(i64, i64)> = conversations::table
                     .find(conversation)
                     .select((conversations::last_seq, conversations::seq_floor))
@@ -856,7 +858,7 @@ macro_rules! impl_sql_store {
                 id: i64,
             ) -> $crate::store::StoreResult<Option<$crate::model::Group>> {
                 use $crate::schema::groups;
-                let mut conn = self.reader().await?;
+                let mut conn = self.quick_reader().await?;
                 groups::table
                     .find(id)
                     .select($crate::model::Group::as_select())
@@ -1038,7 +1040,7 @@ macro_rules! impl_sql_store {
                 user: i64,
             ) -> $crate::store::StoreResult<Option<$crate::model::GroupMember>> {
                 use $crate::schema::group_members;
-                let mut conn = self.reader().await?;
+                let mut conn = self.quick_reader().await?;
                 group_members::table
                     .filter(group_members::group_id.eq(group))
                     .filter(group_members::user_id.eq(user))
@@ -1104,7 +1106,7 @@ macro_rules! impl_sql_store {
                 id: &str,
             ) -> $crate::store::StoreResult<Option<$crate::model::Conversation>> {
                 use $crate::schema::conversations;
-                let mut conn = self.reader().await?;
+                let mut conn = self.quick_reader().await?;
                 conversations::table
                     .find(id)
                     .select($crate::model::Conversation::as_select())
@@ -1116,7 +1118,7 @@ macro_rules! impl_sql_store {
 
             async fn single_chat_peers(&self, user: i64) -> $crate::store::StoreResult<Vec<i64>> {
                 use $crate::schema::conversation_members;
-                let mut conn = self.reader().await?;
+                let mut conn = self.quick_reader().await?;
                 let ids: Vec<String> = conversation_members::table
                     .filter(conversation_members::user_id.eq(user))
                     .select(conversation_members::conversation_id)
@@ -1222,7 +1224,7 @@ macro_rules! impl_sql_store {
                 conversation: &str,
             ) -> $crate::store::StoreResult<i64> {
                 use $crate::schema::user_read_pointers;
-                let mut conn = self.reader().await?;
+                let mut conn = self.quick_reader().await?;
                 let v: Option<i64> = user_read_pointers::table
                     .filter(user_read_pointers::user_id.eq(user))
                     .filter(user_read_pointers::conversation_id.eq(conversation))

@@ -15,10 +15,11 @@ use std::sync::Arc;
 use diesel::prelude::*;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
-use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::sync_connection_wrapper::{SpawnBlocking, SyncConnectionWrapper};
 use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use futures::FutureExt;
+use futures::future::BoxFuture;
 use gochat_infra::telemetry as t;
 use metrics::{counter, histogram};
 use tokio::sync::{Mutex, MutexGuard, oneshot};
@@ -31,6 +32,33 @@ use crate::model::SaveOutcome;
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations/sqlite");
 
 type Conn = SyncConnectionWrapper<SqliteConnection>;
+
+/// A connection whose queries run on the calling thread, for reads of a few rows by key.
+type QuickConn = SyncConnectionWrapper<SqliteConnection, Inline>;
+
+/// Runs a connection's query where it is asked for, without a hand-off to tokio's blocking
+/// pool. A read of a few rows by key from the page cache takes microseconds, less than the
+/// hand-off itself (a task, the pool's lock, a thread woken and parked again): in a connection
+/// storm the hand-offs of the two reads each connection makes (its login session, its single-
+/// chat peers) were a third of the server's CPU (docs/benchmarks.md). Only such reads use it;
+/// anything that may read many rows, and every write, keeps the blocking pool.
+pub(crate) struct Inline;
+
+impl SpawnBlocking for Inline {
+    fn spawn_blocking<'a, R>(
+        &mut self,
+        task: impl FnOnce() -> R + Send + 'static,
+    ) -> BoxFuture<'a, Result<R, Box<dyn std::error::Error + Send + Sync + 'static>>>
+    where
+        R: Send + 'static,
+    {
+        futures::future::ready(Ok(task())).boxed()
+    }
+
+    fn get_runtime() -> Self {
+        Inline
+    }
+}
 
 /// Every connection runs these first: WAL for concurrent readers, a busy timeout for the rare
 /// lock wait (another process, a checkpoint), and NORMAL sync, which in WAL mode loses no
@@ -73,6 +101,8 @@ struct Inner {
     queue: std::sync::Mutex<Queue>,
     /// Connections that only read.
     readers: Pool<Conn>,
+    /// Connections that only read a few rows by key, on the caller's thread ([`Inline`]).
+    quick: Pool<QuickConn>,
     /// The database file.
     path: String,
 }
@@ -108,28 +138,14 @@ impl SqliteStore {
             .batch_execute(WRITER_PRAGMAS)
             .await
             .map_err(super::sql::classify)?;
-        let mut config = ManagerConfig::default();
-        config.custom_setup = Box::new(|url| {
-            let url = url.to_owned();
-            async move {
-                let mut conn = Conn::establish(&url).await?;
-                conn.batch_execute(PRAGMAS)
-                    .await
-                    .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
-                Ok(conn)
-            }
-            .boxed()
-        });
-        let manager = AsyncDieselConnectionManager::<Conn>::new_with_config(path, config);
-        let pool = Pool::builder(manager)
-            .max_size(readers.max(1))
-            .build()
-            .map_err(|e| StoreError::Unavailable(format!("reader pool: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 writer: Mutex::new(writer),
                 queue: std::sync::Mutex::new(Queue::default()),
-                readers: pool,
+                readers: reader_pool(path, readers)?,
+                // A quick read never waits while it holds its connection, so a thread holds
+                // at most one at a time and the pool need not outnumber the readers.
+                quick: reader_pool(path, readers)?,
                 path: path.to_owned(),
             }),
         })
@@ -166,6 +182,42 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::Unavailable(format!("sqlite reader pool: {e}")))
     }
+
+    /// A reader for a few rows by key: its queries run on this thread (see [`Inline`]).
+    async fn quick_reader(&self) -> StoreResult<Object<QuickConn>> {
+        self.inner
+            .quick
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("sqlite reader pool: {e}")))
+    }
+}
+
+/// A pool of up to `size` connections that only read, each set up with [`PRAGMAS`].
+fn reader_pool<S>(
+    path: &str,
+    size: usize,
+) -> StoreResult<Pool<SyncConnectionWrapper<SqliteConnection, S>>>
+where
+    S: SpawnBlocking + Send + 'static,
+{
+    let mut config = ManagerConfig::default();
+    config.custom_setup = Box::new(|url| {
+        let url = url.to_owned();
+        async move {
+            let mut conn = SyncConnectionWrapper::<SqliteConnection, S>::establish(&url).await?;
+            conn.batch_execute(PRAGMAS)
+                .await
+                .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+            Ok(conn)
+        }
+        .boxed()
+    });
+    let manager = AsyncDieselConnectionManager::new_with_config(path, config);
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .build()
+        .map_err(|e| StoreError::Unavailable(format!("reader pool: {e}")))
 }
 
 /// The SQLite save path, on the sync connection (diesel's sync query methods, not diesel-async's).
