@@ -74,6 +74,12 @@ const PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
 const WRITER_PRAGMAS: &str =
     "PRAGMA wal_autocheckpoint = 10000; PRAGMA journal_size_limit = 67108864;";
 
+/// The quick readers' own setting. Their queries run on the caller's thread (an actix arbiter
+/// serving thousands of sessions, or a tokio worker), so a lock wait, rare for a WAL reader
+/// (another process recovering the WAL or holding the file exclusively), may hold that thread
+/// for 250 ms at most; then the read fails as busy, a transient error the caller reports.
+const QUICK_PRAGMAS: &str = "PRAGMA busy_timeout = 250;";
+
 /// SQLite store; cheap to clone.
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -142,10 +148,10 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 writer: Mutex::new(writer),
                 queue: std::sync::Mutex::new(Queue::default()),
-                readers: reader_pool(path, readers)?,
+                readers: reader_pool(path, readers, "")?,
                 // A quick read never waits while it holds its connection, so a thread holds
                 // at most one at a time and the pool need not outnumber the readers.
-                quick: reader_pool(path, readers)?,
+                quick: reader_pool(path, readers, QUICK_PRAGMAS)?,
                 path: path.to_owned(),
             }),
         })
@@ -193,20 +199,22 @@ impl SqliteStore {
     }
 }
 
-/// A pool of up to `size` connections that only read, each set up with [`PRAGMAS`].
+/// A pool of up to `size` connections that only read, each set up with [`PRAGMAS`] and then
+/// `own` (its own settings).
 fn reader_pool<S>(
     path: &str,
     size: usize,
+    own: &'static str,
 ) -> StoreResult<Pool<SyncConnectionWrapper<SqliteConnection, S>>>
 where
     S: SpawnBlocking + Send + 'static,
 {
     let mut config = ManagerConfig::default();
-    config.custom_setup = Box::new(|url| {
+    config.custom_setup = Box::new(move |url| {
         let url = url.to_owned();
         async move {
             let mut conn = SyncConnectionWrapper::<SqliteConnection, S>::establish(&url).await?;
-            conn.batch_execute(PRAGMAS)
+            conn.batch_execute(&format!("{PRAGMAS} {own}"))
                 .await
                 .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
             Ok(conn)
@@ -761,6 +769,59 @@ mod tests {
     struct Limit {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         journal_size_limit: i64,
+    }
+
+    #[derive(diesel::QueryableByName)]
+    struct Timeout {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        timeout: i64,
+    }
+
+    /// The thread a reader's query ran on, and that reader's busy timeout.
+    async fn where_and_how_long<S>(
+        conn: &mut SyncConnectionWrapper<SqliteConnection, S>,
+    ) -> (std::thread::ThreadId, i64)
+    where
+        S: SpawnBlocking + Send + 'static,
+    {
+        conn.spawn_blocking(|c| {
+            use diesel::RunQueryDsl;
+            let t: Timeout = RunQueryDsl::get_result(diesel::sql_query("PRAGMA busy_timeout"), c)?;
+            Ok((std::thread::current().id(), t.timeout))
+        })
+        .await
+        .expect("pragma")
+    }
+
+    /// Point reads run on the calling thread with a short lock wait, see what was committed
+    /// before them, and other reads keep tokio's blocking pool.
+    #[tokio::test]
+    async fn quick_reads_run_on_the_callers_thread_and_wait_briefly_for_locks() {
+        let (_dir, store) = store_with(msg(1, "s_1_2", 1, Some("k1"))).await;
+        let here = std::thread::current().id();
+
+        let mut quick = store.quick_reader().await.expect("quick reader");
+        assert_eq!(where_and_how_long(&mut quick).await, (here, 250));
+        drop(quick);
+        let mut pooled = store.reader().await.expect("reader");
+        let (there, timeout) = where_and_how_long(&mut pooled).await;
+        assert_ne!(there, here, "a blocking-pool thread");
+        assert_eq!(timeout, 5000);
+        drop(pooled);
+
+        // A quick read after a commit sees it (no read transaction outlives a query).
+        assert_eq!(store.seq_floor("s_1_2").await.expect("floor"), 1);
+        store
+            .save_messages(&[msg(2, "s_1_2", 2, Some("k2"))])
+            .await
+            .expect("second message");
+        assert_eq!(store.seq_floor("s_1_2").await.expect("floor"), 2);
+        let found = store
+            .find_by_client_msg_id(1, "k2")
+            .await
+            .expect("lookup")
+            .expect("the second message");
+        assert_eq!(found.id, 2);
     }
 
     /// The messages table keeps the indexes its reads and its dedup need, and not the spec's
