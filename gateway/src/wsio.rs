@@ -264,15 +264,15 @@ impl Stream for WsReader {
             if this.done {
                 return Poll::Ready(None);
             }
-            // The codec is only given whole frames: a header announcing more than the frame
-            // limit is refused before anything is buffered, and the buffer grows only with
-            // what the client actually sent.
             // No extension is negotiated, so a frame with a reserved bit set breaks the
             // protocol (RFC 6455 §5.2): closed with 1002 before its payload is read.
             if this.buf.first().is_some_and(|b| b & RESERVED_BITS != 0) {
                 this.done = true;
                 return Poll::Ready(Some(Err(reserved_bits_set())));
             }
+            // The codec is only given whole frames: a header announcing more than the frame
+            // limit is refused before anything is buffered, and the buffer grows only with
+            // what the client actually sent.
             let whole = match frame_len(&this.buf, this.max_frame) {
                 Err(err) => {
                     this.done = true;

@@ -3,9 +3,9 @@
 //! [`impl_sql_store!`] expands the whole [`Store`](super::Store) implementation for a backend
 //! type that has three inherent methods, `writer()`, `reader()` and `quick_reader()`, each
 //! returning a guard that dereferences to a diesel-async connection. `quick_reader()` is for
-//! reads of a few rows by key (SQLite runs them on the caller's thread, see
-//! `sqlite::Inline`); anything that may read many rows takes `reader()`. Diesel checks every query against the concrete
-//! backend at each expansion, so a query that one engine cannot run fails to compile.
+//! reads of a few rows by key (SQLite runs them on the caller's thread, see `sqlite::Inline`);
+//! anything that may read many rows takes `reader()`. Diesel checks every query against the
+//! concrete backend at each expansion, so a query that one engine cannot run fails to compile.
 //!
 //! Portability rules the queries follow: ids come from the application (no `RETURNING`, no
 //! last-insert-id), upserts are `INSERT IGNORE`/`INSERT OR IGNORE` followed by a guarded
@@ -1118,6 +1118,8 @@ macro_rules! impl_sql_store {
 
             async fn single_chat_peers(&self, user: i64) -> $crate::store::StoreResult<Vec<i64>> {
                 use $crate::schema::conversation_members;
+                // One index range, a row per conversation the user is in: a quick read for
+                // every user but one in thousands of conversations.
                 let mut conn = self.quick_reader().await?;
                 let ids: Vec<String> = conversation_members::table
                     .filter(conversation_members::user_id.eq(user))
