@@ -187,6 +187,7 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
             logic.clone(),
             cancel.clone(),
         ));
+        let sweeper = actix_rt::spawn(sweep_heartbeats(Arc::clone(&shared), cancel.clone()));
 
         let api_state = web::Data::new(ApiState {
             shared: Arc::clone(&shared),
@@ -261,6 +262,7 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
             cancel.cancel();
             let _ = consumer.join().await;
             let _ = reporter.await;
+            let _ = sweeper.await;
             return res;
         }
 
@@ -282,6 +284,7 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
                 cancel.cancel();
                 let _ = consumer.join().await;
                 let _ = reporter.await;
+                let _ = sweeper.await;
                 return res;
             }
             _ = tokio::time::timeout(close_grace, drained) => {}
@@ -290,8 +293,31 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
         let (_, res) = tokio::join!(handle.stop(true), server);
         let _ = consumer.join().await;
         let _ = reporter.await;
+        let _ = sweeper.await;
         tracing::info!("gateway stopped");
         res
+    }
+}
+
+/// Every `heartbeat_check_interval`, asks the sessions silent for `heartbeat_timeout` to close
+/// (see `registry`), until cancelled.
+async fn sweep_heartbeats(shared: Arc<Shared>, cancel: CancellationToken) {
+    let every = shared
+        .settings
+        .heartbeat_check_interval
+        .max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {
+                let asked = shared.registry.close_silent(shared.settings.heartbeat_timeout);
+                if asked > 0 {
+                    tracing::debug!(asked, "heartbeat sweep");
+                }
+            }
+        }
     }
 }
 

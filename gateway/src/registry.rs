@@ -4,10 +4,16 @@
 //! Both maps are sharded (`DashMap`), so registering, looking up and delivering never take a
 //! global lock. Delivery into a session is a non-blocking bounded `try_send`; a session whose
 //! queue is full is told to close as too slow (once), and the others are unaffected.
+//!
+//! Heartbeats are checked here too: each session stamps [`Signals::last_seen_ms`] when a frame
+//! arrives, and one sweep per gateway ([`Registry::close_silent`], every
+//! `heartbeat_check_interval`) closes the silent ones, instead of a timer in every session
+//! (which every wake of the session polled, and which cost each connection its memory).
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use dashmap::DashMap;
@@ -16,6 +22,29 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use crate::session::{CloseSession, Delivery, Session};
 use crate::stats::CloseCause;
+
+/// What a session and the rest of the gateway both read and write, in one allocation.
+#[derive(Debug, Default)]
+pub(crate) struct Signals {
+    /// Frames the session holds back because its socket is not taking them (its backlog).
+    pub backlog: AtomicUsize,
+    /// When the session last received a frame, in milliseconds of [`Registry::clock_ms`]; the
+    /// heartbeat sweep closes it once this is `heartbeat_timeout` old.
+    pub last_seen_ms: AtomicU64,
+    /// Set once the session was told to close, so a flood of failed deliveries sends one
+    /// close request, not one per delivery.
+    doomed: AtomicBool,
+}
+
+impl Signals {
+    /// A session's, last seen at `last_seen_ms`.
+    pub fn new(last_seen_ms: u64) -> Self {
+        Self {
+            last_seen_ms: AtomicU64::new(last_seen_ms),
+            ..Self::default()
+        }
+    }
+}
 
 /// How the rest of the gateway reaches one Session actor.
 #[derive(Clone)]
@@ -26,13 +55,10 @@ pub(crate) struct SessionHandle {
     pub user_id: Arc<str>,
     /// Bounded queue of deliveries into the actor.
     deliveries: mpsc::Sender<Arc<Delivery>>,
-    /// Frames the session holds back because its socket is not taking them (its backlog).
-    backlog: Arc<AtomicUsize>,
+    /// Shared with the session.
+    signals: Arc<Signals>,
     /// The actor's mailbox, for control messages (close).
     control: Addr<Session>,
-    /// Set once the session was told to close, so a flood of failed deliveries sends one
-    /// close request, not one per delivery.
-    doomed: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for SessionHandle {
@@ -49,16 +75,15 @@ impl SessionHandle {
         id: Arc<str>,
         user_id: Arc<str>,
         deliveries: mpsc::Sender<Arc<Delivery>>,
-        backlog: Arc<AtomicUsize>,
+        signals: Arc<Signals>,
         control: Addr<Session>,
     ) -> Self {
         Self {
             id,
             user_id,
             deliveries,
-            backlog,
+            signals,
             control,
-            doomed: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -79,12 +104,17 @@ impl SessionHandle {
     pub fn queued(&self) -> usize {
         let waiting = |max: usize, free: usize| max.saturating_sub(free);
         let deliveries = waiting(self.deliveries.max_capacity(), self.deliveries.capacity());
-        deliveries + self.backlog.load(Ordering::Relaxed)
+        deliveries + self.signals.backlog.load(Ordering::Relaxed)
+    }
+
+    /// When the session last received a frame ([`Registry::clock_ms`]).
+    pub fn last_seen_ms(&self) -> u64 {
+        self.signals.last_seen_ms.load(Ordering::Relaxed)
     }
 
     /// Asks the session to close (once; later requests are ignored).
     pub fn close(&self, cause: CloseCause, reason: &str) {
-        if !self.doomed.swap(true, Ordering::AcqRel) {
+        if !self.signals.doomed.swap(true, Ordering::AcqRel) {
             self.control.do_send(CloseSession {
                 cause,
                 reason: reason.to_owned(),
@@ -94,11 +124,23 @@ impl SessionHandle {
 }
 
 /// The local sessions.
-#[derive(Default)]
 pub(crate) struct Registry {
     by_user: DashMap<Arc<str>, Vec<SessionHandle>>,
     by_session: DashMap<Arc<str>, SessionHandle>,
     sessions: AtomicUsize,
+    /// The origin of [`Registry::clock_ms`].
+    epoch: Instant,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            by_user: DashMap::default(),
+            by_session: DashMap::default(),
+            sessions: AtomicUsize::new(0),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 impl fmt::Debug for Registry {
@@ -137,6 +179,31 @@ impl Registry {
         counts
     }
 
+    /// Milliseconds since the registry was made: the clock of [`Signals::last_seen_ms`].
+    pub fn clock_ms(&self) -> u64 {
+        self.ms_at(Instant::now())
+    }
+
+    /// `at` on the clock of [`Registry::clock_ms`].
+    pub fn ms_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Asks every session that has received nothing for `timeout` to close (1000 "heartbeat
+    /// timeout"); returns how many were asked.
+    pub fn close_silent(&self, timeout: Duration) -> usize {
+        let now = self.clock_ms();
+        let timeout = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut asked = 0;
+        self.for_each(|h| {
+            if now.saturating_sub(h.last_seen_ms()) >= timeout {
+                h.close(CloseCause::Heartbeat, "heartbeat timeout");
+                asked += 1;
+            }
+        });
+        asked
+    }
+
     /// Open sessions.
     pub fn len(&self) -> usize {
         self.sessions.load(Ordering::Relaxed)
@@ -159,6 +226,14 @@ impl Registry {
         if let Some(handle) = self.by_session.get(session_id) {
             f(&handle);
         }
+    }
+
+    /// The id of the local session `session_id`, as the `Arc` its handle holds (so a caller
+    /// can tell that handle apart by address), if it is local.
+    pub fn session_id(&self, session_id: &str) -> Option<Arc<str>> {
+        self.by_session
+            .get(session_id)
+            .map(|handle| Arc::clone(&handle.id))
     }
 
     /// Calls `f` for every local session.

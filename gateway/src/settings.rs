@@ -27,7 +27,7 @@ pub struct GatewaySettings {
     /// A connection that sends nothing (no frame at all, `ping` included) for this long is
     /// closed with 1000 "heartbeat timeout" (default 90 s).
     pub heartbeat_timeout: Duration,
-    /// How often each session checks its heartbeat deadline (default 10 s).
+    /// How often the gateway sweeps its sessions for silent ones (default 10 s).
     pub heartbeat_check_interval: Duration,
     /// Lifetime of this gateway's presence entries in logic (default 30 s); they are refreshed
     /// every third of it.

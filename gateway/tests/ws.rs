@@ -558,6 +558,38 @@ async fn a_silent_connection_is_closed_after_the_heartbeat_timeout() {
 }
 
 #[tokio::test]
+async fn the_heartbeat_sweep_closes_the_silent_connection_and_keeps_the_one_that_pings() {
+    let gw = TestGateway::start(GatewaySettings {
+        heartbeat_timeout: Duration::from_millis(1_000),
+        heartbeat_check_interval: Duration::from_millis(50),
+        ..test_settings()
+    });
+    let (_, silent_tok) = gw.logic.add_user("silent");
+    let (_, talker_tok) = gw.logic.add_user("talker");
+    let mut silent = connect_ready(&gw, &silent_tok).await;
+    let mut talker = connect_ready(&gw, &talker_tok).await;
+    // The talker pings ten times a second until the silent one is closed.
+    let closed = expect_close(&mut silent);
+    let talking = async {
+        loop {
+            ping_pong(&mut talker).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let frame = tokio::select! {
+        frame = closed => frame,
+        () = talking => unreachable!("the talker loops until the silent one is closed"),
+    };
+    assert_eq!(close_code(&frame), 1000);
+    assert_eq!(frame.expect("frame").reason.as_str(), "heartbeat timeout");
+    gw.wait_stats("one heartbeat close", |s| s.closed_heartbeat == 1)
+        .await;
+    ping_pong(&mut talker).await;
+    assert_eq!(gw.stats.snapshot().closed_heartbeat, 1);
+    assert_eq!(gw.stats.snapshot().connections, 1);
+}
+
+#[tokio::test]
 async fn a_client_that_does_not_read_is_closed_and_others_keep_receiving() {
     let gw = TestGateway::start(GatewaySettings {
         outbound_queue: 8,
