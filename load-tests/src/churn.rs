@@ -295,10 +295,8 @@ async fn cycle(ctx: &ChurnCtx, i: usize, k: u64, tag: &str) {
             return;
         }
     };
-    ctx.connect_hist.record(
-        i,
-        u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX),
-    );
+    ctx.connect_hist
+        .record(u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX));
     ctx.state
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -315,7 +313,7 @@ async fn cycle(ctx: &ChurnCtx, i: usize, k: u64, tag: &str) {
         return;
     }
     match tokio::time::timeout(Duration::from_secs(5), await_ack(&mut ws, &cmid)).await {
-        Ok(Ok(())) => ctx.ack_hist.record(i, now_micros().saturating_sub(sent)),
+        Ok(Ok(())) => ctx.ack_hist.record(now_micros().saturating_sub(sent)),
         Ok(Err(cause)) => {
             failure(&cause);
             return;

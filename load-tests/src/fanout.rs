@@ -255,13 +255,12 @@ pub async fn run(
     for (p, (r, took)) in connected.into_iter().enumerate() {
         match r {
             Ok(ws) => {
-                connect_hist.record(p, u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+                connect_hist.record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
                 if p == 0 {
                     publisher_ws = Some(ws);
                 } else {
                     members.push(tokio::spawn(member_task(
                         ws,
-                        p,
                         base,
                         Arc::clone(&shared),
                         stop_rx.clone(),
@@ -397,7 +396,7 @@ async fn publish(
                                 .and_then(|c| c.rsplit('.').next())
                                 .and_then(|t| t.parse::<u64>().ok())
                             {
-                                ack_hist.record(0, now_micros().saturating_sub(sent));
+                                ack_hist.record(now_micros().saturating_sub(sent));
                             }
                         }
                         "error" => {
@@ -452,7 +451,6 @@ async fn publish(
 /// A member: reads until told to stop, checking seqs and timing every delivery.
 async fn member_task(
     mut ws: Ws,
-    position: usize,
     base: u64,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
@@ -466,7 +464,7 @@ async fn member_task(
             biased;
             _ = stop.changed() => break,
             frame = ws.next(), if alive => match frame {
-                Some(Ok(Message::Text(text))) => on_frame(&text, position, &shared, &mut stream),
+                Some(Ok(Message::Text(text))) => on_frame(&text, &shared, &mut stream),
                 Some(Ok(Message::Close(cf))) => {
                     let code = cf.map(|f| u16::from(f.code)).unwrap_or(1005);
                     tally(&shared.lost, format!("closed by server ({code})"));
@@ -492,7 +490,7 @@ async fn member_task(
     stream
 }
 
-fn on_frame(text: &str, position: usize, shared: &Shared, stream: &mut SeqStream) {
+fn on_frame(text: &str, shared: &Shared, stream: &mut SeqStream) {
     let Some(f) = client::parse(text) else {
         tally(&shared.errors, "unparsable frame".to_owned());
         return;
@@ -520,11 +518,9 @@ fn on_frame(text: &str, position: usize, shared: &Shared, stream: &mut SeqStream
                 return;
             };
             let latency = now.saturating_sub(sent);
-            shared.recipient.record(position, latency);
+            shared.recipient.record(latency);
             if let Some(ts) = f.timestamp {
-                shared
-                    .read_lag
-                    .record(position, now.saturating_sub(ts * 1000));
+                shared.read_lag.record(now.saturating_sub(ts * 1000));
             }
             if let (Some(last), Some(got)) = (shared.last_us.get(j), shared.got.get(j)) {
                 last.fetch_max(latency, Ordering::Relaxed);

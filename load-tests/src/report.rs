@@ -5,6 +5,7 @@
 
 use std::fmt::Write as _;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context;
 use base64::Engine as _;
@@ -21,12 +22,25 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_MICROS, 3).unwrap()
 }
 
-/// A latency histogram many tasks record into: a fixed number of locked shards (a task picks
-/// its shard by its own index), merged when read. One histogram per connection would cost
-/// ~100 KiB each at this precision; 16 shards cost the same whatever the connection count.
+/// A latency histogram many tasks record into: a fixed number of locked shards, merged when
+/// read. A thread records into a shard of its own (threads take the next shard at their first
+/// record), so a runtime's few worker threads neither wait for each other's locks nor pull
+/// each other's counts into their caches: at 300,000 records a second, a shard picked per task
+/// had every record touch another ~190 KiB histogram (8.5 % of the fan-out generator's CPU).
+/// One histogram per connection would cost that much each; 16 shards cost the same whatever
+/// the connection count.
 #[derive(Debug)]
 pub struct Recorder {
     shards: Box<[Mutex<Histogram<u64>>]>,
+}
+
+/// The calling thread's number: threads take consecutive numbers at their first call.
+fn thread_number() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    NUMBER.with(|n| *n)
 }
 
 impl Default for Recorder {
@@ -38,9 +52,9 @@ impl Default for Recorder {
 }
 
 impl Recorder {
-    /// Records `micros` into the shard of task `key`.
-    pub fn record(&self, key: usize, micros: u64) {
-        let shard = &self.shards[key % self.shards.len()];
+    /// Records `micros` into the calling thread's shard.
+    pub fn record(&self, micros: u64) {
+        let shard = &self.shards[thread_number() % self.shards.len()];
         let mut h = shard.lock().unwrap_or_else(|e| e.into_inner());
         h.saturating_record(micros.max(1));
     }
@@ -193,7 +207,7 @@ mod tests {
     fn histograms_survive_the_round_trip_and_merge() {
         let r = Recorder::default();
         for i in 1..=1000u64 {
-            r.record(i as usize, i * 10);
+            r.record(i * 10);
         }
         let h = r.merged();
         assert_eq!(h.len(), 1000);

@@ -702,7 +702,7 @@ pub async fn work(
             drop(permit);
             let ws = match r {
                 Ok(ws) => {
-                    latency.record(j, u64::try_from(began.elapsed().as_micros()).unwrap_or(0));
+                    latency.record(u64::try_from(began.elapsed().as_micros()).unwrap_or(0));
                     ramp_end.fetch_max(now_micros(), Ordering::Relaxed);
                     inc(&counters.connected);
                     done.fetch_add(1, Ordering::Relaxed);

@@ -358,7 +358,7 @@ pub async fn run(
     for (p, (r, took)) in connected.into_iter().enumerate() {
         match r {
             Ok(ws) => {
-                connect_hist.record(p, u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
+                connect_hist.record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
                 let k = layout.conversation_of[p];
                 let conv = &layout.conversations[k];
                 let me = Me {
@@ -592,7 +592,7 @@ fn on_frame(text: &str, me: &Me, shared: &Shared, stream: &mut SeqStream, own_ma
                 .and_then(|c| c.rsplit('.').next())
                 .and_then(|t| t.parse::<u64>().ok())
             {
-                shared.ack.record(me.position, now.saturating_sub(sent));
+                shared.ack.record(now.saturating_sub(sent));
             }
             if let Some(seq) = f.data.seq_id {
                 stream.own(seq);
@@ -617,12 +617,10 @@ fn on_frame(text: &str, me: &Me, shared: &Shared, stream: &mut SeqStream, own_ma
                 .next()
                 .and_then(|t| t.parse::<u64>().ok())
             {
-                shared.e2e.record(me.position, now.saturating_sub(sent));
+                shared.e2e.record(now.saturating_sub(sent));
             }
             if let Some(ts) = f.timestamp {
-                shared
-                    .read_lag
-                    .record(me.position, now.saturating_sub(ts * 1000));
+                shared.read_lag.record(now.saturating_sub(ts * 1000));
             }
         }
         "error" => {
