@@ -645,18 +645,20 @@ impl Session {
         if let Some((conversation, seq)) = &delivery.seq
             && *seq > 0
         {
-            if let Some(last) = self.delivered.get(conversation)
-                && *seq <= *last
-            {
-                self.shared.stats.duplicate_dropped();
-                return;
+            // One lookup for a conversation already tracked (the common case): the key is
+            // hashed once per delivery, not three times.
+            if let Some(last) = self.delivered.get_mut(conversation) {
+                if *seq <= *last {
+                    self.shared.stats.duplicate_dropped();
+                    return;
+                }
+                *last = *seq;
+            } else {
+                if self.delivered.len() >= MAX_TRACKED_CONVERSATIONS {
+                    self.delivered.clear();
+                }
+                self.delivered.insert(Arc::clone(conversation), *seq);
             }
-            if self.delivered.len() >= MAX_TRACKED_CONVERSATIONS
-                && !self.delivered.contains_key(conversation)
-            {
-                self.delivered.clear();
-            }
-            self.delivered.insert(Arc::clone(conversation), *seq);
         }
         self.push(ctx, Outbound::Text(delivery.text.clone(), delivery.kind));
     }
