@@ -459,10 +459,14 @@ async fn member_task(
     let mut ping = tokio::time::interval(Duration::from_secs(30));
     ping.tick().await;
     let mut alive = true;
+    // One wait for the stop signal across the loop: a `changed()` made in every pass would
+    // join and leave the channel's waiter list (under its lock) for every frame read.
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
             biased;
-            _ = stop.changed() => break,
+            _ = &mut stopped => break,
             frame = ws.next(), if alive => match frame {
                 Some(Ok(Message::Text(text))) => on_frame(&text, &shared, &mut stream),
                 Some(Ok(Message::Close(cf))) => {
