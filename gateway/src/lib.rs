@@ -268,9 +268,9 @@ impl<L: LogicApi, B: Bus> Gateway<L, B> {
 
         tracing::info!(sessions = shared.registry.len(), "gateway shutting down");
         shared.begin_shutdown();
-        shared
-            .registry
-            .for_each(|h| h.close(CloseCause::Shutdown, "server shutting down"));
+        shared.registry.for_each(|h| {
+            h.close(CloseCause::Shutdown, "server shutting down");
+        });
         // Sessions end at once; their sockets then send the close frame (and what the close
         // drains), which the workers' graceful stop does not wait for: wait here.
         let drained = async {

@@ -112,14 +112,17 @@ impl SessionHandle {
         self.signals.last_seen_ms.load(Ordering::Relaxed)
     }
 
-    /// Asks the session to close (once; later requests are ignored).
-    pub fn close(&self, cause: CloseCause, reason: &str) {
-        if !self.signals.doomed.swap(true, Ordering::AcqRel) {
+    /// Asks the session to close (once; later requests are ignored). True when this call
+    /// asked.
+    pub fn close(&self, cause: CloseCause, reason: &str) -> bool {
+        let first = !self.signals.doomed.swap(true, Ordering::AcqRel);
+        if first {
             self.control.do_send(CloseSession {
                 cause,
                 reason: reason.to_owned(),
             });
         }
+        first
     }
 }
 
@@ -190,14 +193,15 @@ impl Registry {
     }
 
     /// Asks every session that has received nothing for `timeout` to close (1000 "heartbeat
-    /// timeout"); returns how many were asked.
+    /// timeout"); returns how many were asked (a session already closing is not asked again).
     pub fn close_silent(&self, timeout: Duration) -> usize {
         let now = self.clock_ms();
         let timeout = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let mut asked = 0;
         self.for_each(|h| {
-            if now.saturating_sub(h.last_seen_ms()) >= timeout {
-                h.close(CloseCause::Heartbeat, "heartbeat timeout");
+            if now.saturating_sub(h.last_seen_ms()) >= timeout
+                && h.close(CloseCause::Heartbeat, "heartbeat timeout")
+            {
                 asked += 1;
             }
         });

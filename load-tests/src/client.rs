@@ -395,7 +395,7 @@ mod tests {
         assert_eq!(pong.expect("pong").kind, "pong");
     }
 
-    /// The fields the scenarios read, as (kind, timestamp, conversation, seq, content, key).
+    /// The fields a `new-message` is read for: (kind, timestamp, conversation, seq, content).
     fn fields(
         f: &Frame<'_>,
     ) -> (
