@@ -4,8 +4,10 @@
 //! failing with `SQLITE_BUSY`; readers come from a pool and never wait for the writer (WAL).
 //!
 //! Message batches are group-committed: a batch joins a queue, and whoever holds the writer
-//! next stores every queued batch in one transaction (each inside its own savepoint, so one
-//! batch's failure rolls back only that batch). While one transaction runs, the batches of
+//! next stores every queued batch in one transaction, with one set of statements and no lookup
+//! while none of their messages was stored before (if one was, or anything else collides, that
+//! transaction rolls back and a careful one follows, where each batch's failure rolls back only
+//! that batch: see `commit_group`). While one transaction runs, the batches of
 //! other conversations gather for the next one, so the number of commits stays near what the
 //! writer can do while the messages per commit grow with the load.
 
@@ -72,9 +74,12 @@ const PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
 /// 10 000 WAL pages (about 39 MiB) rather than SQLite's 1 000: the index leaves hot while messages
 /// flow are written many times in that window, and a checkpoint copies each page once, so this
 /// writes about a sixth fewer bytes per message (docs/benchmarks.md). After a checkpoint the WAL
-/// file is cut back to 64 MiB if a long read made it grow.
-const WRITER_PRAGMAS: &str =
-    "PRAGMA wal_autocheckpoint = 10000; PRAGMA journal_size_limit = 67108864;";
+/// file is cut back to 64 MiB if a long read made it grow. Its page cache holds up to 64 MiB
+/// instead of 2 MiB: the index leaves that messages go to (one per conversation and one per
+/// sender) outnumber 2 MiB of pages under load, and a full cache both writes changed pages
+/// into the WAL before the commit and reads evicted ones back.
+const WRITER_PRAGMAS: &str = "PRAGMA wal_autocheckpoint = 10000; \
+     PRAGMA journal_size_limit = 67108864; PRAGMA cache_size = -65536;";
 
 /// The quick readers' own setting. Their queries run on the caller's thread (an actix arbiter
 /// serving thousands of sessions, or a tokio worker), so a lock wait, rare for a WAL reader
@@ -240,7 +245,8 @@ mod sync_save {
     use std::sync::Arc;
 
     use diesel::prelude::*;
-    use diesel::sql_types::{BigInt, Text};
+    use diesel::sql_types::{BigInt, Integer, Nullable, Text};
+    use diesel::sqlite::Sqlite;
 
     use super::super::sql::{
         INSERT_CHUNK, NewConversation, Prepared, TxError, insert_failure, newest_per_conversation,
@@ -270,6 +276,25 @@ mod sync_save {
         Ok(outcomes)
     }
 
+    /// Whether `batches` are few enough to be stored with one set of statements.
+    pub(super) fn mergeable(batches: &[Arc<Prepared>]) -> bool {
+        batches.iter().map(|p| p.batch.len()).sum::<usize>() <= MERGE_MAX_MESSAGES
+    }
+
+    /// Stores several batches with one set of statements, assuming none of their messages is
+    /// stored yet (no lookup at all): what a group commit nearly always holds. A message that
+    /// is stored after all (a retry, a key used before) or a seq already taken makes an insert
+    /// fail, and the caller rolls the whole transaction back and goes the careful way
+    /// ([`save_merged`], then batch by batch). Duplicates inside one batch are answered as
+    /// [`save_sync`] answers them.
+    pub(super) fn save_fresh(
+        c: &mut SqliteConnection,
+        batches: &[Arc<Prepared>],
+    ) -> Result<Vec<Vec<SaveOutcome>>, TxError> {
+        create_missing_conversations(c, batches)?;
+        store_planned(c, batches, &[])
+    }
+
     /// Stores several batches with one set of statements (one lookup of what is stored, one
     /// multi-row insert per 500 rows) instead of one set per batch. Fails (for the caller to
     /// roll back and go batch by batch) when the batches collide with each other (one id, key
@@ -279,18 +304,10 @@ mod sync_save {
         c: &mut SqliteConnection,
         batches: &[Arc<Prepared>],
     ) -> Result<Option<Vec<Vec<SaveOutcome>>>, TxError> {
-        if batches.iter().map(|p| p.batch.len()).sum::<usize>() > MERGE_MAX_MESSAGES {
+        if !mergeable(batches) {
             return Ok(None);
         }
-        let now = batches.iter().map(|p| p.now).max().unwrap_or_default();
-        let mut seen = BTreeSet::new();
-        let new_conversations: Vec<NewConversation> = batches
-            .iter()
-            .flat_map(|p| p.conversations.iter())
-            .filter(|nc| seen.insert(nc.id.clone()))
-            .cloned()
-            .collect();
-        create_conversations(c, &new_conversations)?;
+        create_missing_conversations(c, batches)?;
         let mut ids: Vec<i64> = batches.iter().flat_map(|p| p.ids.iter().copied()).collect();
         // Keys are looked up as (sender, key) pairs: `sender IN (..) AND key IN (..)` over the
         // whole group would probe the index once per sender for every key.
@@ -303,12 +320,38 @@ mod sync_save {
         ids.sort_unstable();
         ids.dedup();
         let stored = find_stored(c, &ids, &[], &[])?;
+        store_planned(c, batches, &stored).map(Some)
+    }
+
+    /// Creates the conversation rows `batches` need and do not have yet.
+    fn create_missing_conversations(
+        c: &mut SqliteConnection,
+        batches: &[Arc<Prepared>],
+    ) -> Result<(), TxError> {
+        let mut seen = BTreeSet::new();
+        let new_conversations: Vec<NewConversation> = batches
+            .iter()
+            .flat_map(|p| p.conversations.iter())
+            .filter(|nc| seen.insert(nc.id.as_str()))
+            .cloned()
+            .collect();
+        create_conversations(c, &new_conversations)
+    }
+
+    /// Stores what is new in `batches`, given the messages of theirs already `stored`, with
+    /// one set of statements, and answers each batch.
+    fn store_planned(
+        c: &mut SqliteConnection,
+        batches: &[Arc<Prepared>],
+        stored: &[Message],
+    ) -> Result<Vec<Vec<SaveOutcome>>, TxError> {
+        let now = batches.iter().map(|p| p.now).max().unwrap_or_default();
         let mut answers = Vec::with_capacity(batches.len());
         let mut rows: Vec<Message> = Vec::new();
         // Where the rows of the batches that move their senders' read pointers lie in `rows`.
         let mut read_ranges = Vec::new();
         for p in batches {
-            let (outcomes, fresh) = p.plan(stored.clone());
+            let (outcomes, fresh) = p.plan(stored.to_vec());
             if p.mark_read {
                 read_ranges.push(rows.len()..rows.len() + fresh.len());
             }
@@ -323,7 +366,7 @@ mod sync_save {
             .flat_map(|range| newest_per_sender(&rows[range]))
             .collect();
         mark_read(c, &read, now)?;
-        Ok(Some(answers))
+        Ok(answers)
     }
 
     fn create_conversations(
@@ -391,12 +434,37 @@ mod sync_save {
         Ok(ids)
     }
 
+    /// Inserts `rows`, 500 per statement, as `INSERT OR FAIL`: a row that breaks a constraint
+    /// stops the statement without undoing the rows it inserted before, so SQLite keeps no
+    /// statement journal for it (a copy of every page the statement changes, 3 % of the
+    /// server's CPU when the store was the bottleneck, docs/benchmarks.md). Every caller runs
+    /// this inside a transaction or savepoint that it rolls back whole on an error.
     fn insert_rows(c: &mut SqliteConnection, rows: &[Message]) -> Result<(), TxError> {
+        const INSERT: &str = "INSERT OR FAIL INTO messages (id, conversation_id, sender_id, \
+             message_type, content, seq_id, client_msg_id, created_at) VALUES ";
+        const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?)";
         for chunk in rows.chunks(INSERT_CHUNK) {
-            diesel::insert_into(messages::table)
-                .values(chunk)
-                .execute(c)
-                .map_err(|e| insert_failure(e, chunk))?;
+            let mut sql = String::with_capacity(INSERT.len() + chunk.len() * (ROW.len() + 1));
+            sql.push_str(INSERT);
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(ROW);
+            }
+            let mut query = diesel::sql_query(sql).into_boxed::<Sqlite>();
+            for m in chunk {
+                query = query
+                    .bind::<BigInt, _>(m.id)
+                    .bind::<Text, _>(m.conversation_id.as_str())
+                    .bind::<BigInt, _>(m.sender_id)
+                    .bind::<Integer, _>(m.message_type)
+                    .bind::<Text, _>(m.content.as_str())
+                    .bind::<BigInt, _>(m.seq_id)
+                    .bind::<Nullable<Text>, _>(m.client_msg_id.as_deref())
+                    .bind::<BigInt, _>(m.created_at);
+            }
+            query.execute(c).map_err(|e| insert_failure(e, chunk))?;
         }
         Ok(())
     }
@@ -574,7 +642,7 @@ mod sync_save {
     }
 }
 
-use sync_save::{save_merged, save_sync};
+use sync_save::{mergeable, save_fresh, save_merged, save_sync};
 
 impl Inner {
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -626,7 +694,9 @@ async fn commit_loop(inner: Arc<Inner>) {
 /// How a group commit stored its batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stored {
-    /// All batches with one set of statements.
+    /// All batches with one set of statements, none of their messages stored before.
+    Fresh,
+    /// All batches with one set of statements, after looking up what was stored.
     Merged,
     /// Batch by batch, each in a savepoint (one batch, or batches that collided).
     OneByOne,
@@ -637,6 +707,7 @@ enum Stored {
 impl Stored {
     fn label(self) -> &'static str {
         match self {
+            Self::Fresh => "fresh",
             Self::Merged => "merged",
             Self::OneByOne => "one_by_one",
             Self::Failed => "failed",
@@ -644,12 +715,31 @@ impl Stored {
     }
 }
 
-/// Stores `queued` batches in one transaction and sends each its outcome once the transaction
-/// committed (or the reason it did not). First all batches as one, in a savepoint; if they
-/// collide or fail, batch by batch, each in a savepoint of its own, so one batch's failure is
-/// that batch's alone.
+/// Stores `queued` batches and sends each its outcome once the transaction committed (or the
+/// reason it did not).
+///
+/// First as if none of their messages were stored yet, the usual case: one transaction, one
+/// set of statements, no lookup and no savepoint (a savepoint copies every page it changes
+/// into a sub-journal). If an insert collides (a message stored before, a key used before, a
+/// seq taken) or anything fails, that transaction rolls back and the group goes the careful
+/// way in a new one: all batches as one after looking up what is stored, in a savepoint; if
+/// they collide or fail, batch by batch, each in a savepoint of its own, so one batch's failure
+/// is that batch's alone. This connection is the only writer, so nothing changes in between.
 fn commit_group(c: &mut SqliteConnection, queued: Vec<Queued>) -> Stored {
     let (batches, senders): (Vec<Arc<Prepared>>, Vec<_>) = queued.into_iter().unzip();
+    if mergeable(&batches) {
+        match c.transaction::<_, TxError, _>(|c| save_fresh(c, &batches)) {
+            Ok(answers) => {
+                for (tx, answer) in senders.into_iter().zip(answers) {
+                    let _ = tx.send(Ok(answer));
+                }
+                return Stored::Fresh;
+            }
+            Err(e) => {
+                tracing::debug!(cause = ?e, "group commit collided; looking up what is stored")
+            }
+        }
+    }
     let mut how = Stored::OneByOne;
     let outcome = c.transaction::<_, TxError, _>(|c| {
         if batches.len() > 1 {
@@ -947,7 +1037,7 @@ mod tests {
             true,
         )
         .await;
-        assert_eq!(how, Stored::Merged);
+        assert_eq!(how, Stored::Fresh, "nothing of it was stored before");
         let conv = store
             .get_conversation("s_1_2")
             .await
@@ -974,6 +1064,81 @@ mod tests {
         assert!(!first[0].duplicate);
         assert!(second[0].duplicate && second[0].message.id == 20);
         assert_eq!(seqs(&store, "s_1_5").await, Vec::<i64>::new());
+    }
+
+    /// A group none of whose messages is stored yet takes the path without lookups: every
+    /// batch answered as alone (a key repeated inside a batch is a duplicate of its first
+    /// message, which keeps the lowest seq), conversation rows created and moved, read pointers
+    /// moved. A group that collides after that path inserted some of its rows (a first chunk
+    /// of 500) rolls all of them back: the careful path then stores each row once and answers
+    /// none of them as a duplicate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fresh_group_commits_store_without_lookups_and_roll_back_whole_on_a_collision() {
+        let (_dir, store) = store_with(msg(1, "s_1_2", 1, Some("k1"))).await;
+        let (how, results) = group_commit(
+            &store,
+            &[
+                vec![
+                    msg(10, "s_1_2", 2, Some("k2")),
+                    msg(11, "s_1_2", 3, Some("k2")),
+                ],
+                vec![msg(20, "g_7", 1, None), msg(21, "g_7", 2, Some("k3"))],
+            ],
+            true,
+        )
+        .await;
+        assert_eq!(how, Stored::Fresh);
+        let answers: Vec<Vec<(bool, i64, i64)>> = results
+            .into_iter()
+            .map(|r| {
+                r.expect("stored")
+                    .iter()
+                    .map(|o| (o.duplicate, o.message.id, o.message.seq_id))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            answers,
+            vec![
+                vec![(false, 10, 2), (true, 10, 2)],
+                vec![(false, 20, 1), (false, 21, 2)],
+            ]
+        );
+        assert_eq!(seqs(&store, "s_1_2").await, vec![1, 2]);
+        assert_eq!(seqs(&store, "g_7").await, vec![1, 2]);
+        let conv = store
+            .get_conversation("g_7")
+            .await
+            .expect("get")
+            .expect("created by the group commit");
+        assert_eq!((conv.last_seq, conv.last_message_id), (2, Some(21)));
+        assert_eq!(store.read_pointer(1, "s_1_2").await.expect("pointer"), 2);
+        assert_eq!(store.read_pointer(1, "g_7").await.expect("pointer"), 2);
+
+        // 600 new messages, then a retry of k1: the retry's insert (in the second chunk) fails
+        // after the first chunk went in.
+        let many: Vec<Message> = (1..=600).map(|i| msg(1000 + i, "s_1_3", i, None)).collect();
+        let (how, results) = group_commit(
+            &store,
+            &[many, vec![msg(30, "s_1_4", 1, Some("k1"))]],
+            false,
+        )
+        .await;
+        assert_eq!(how, Stored::Merged, "the fresh attempt collided");
+        let first = results[0].as_ref().expect("stored");
+        assert_eq!(first.len(), 600);
+        assert!(
+            first.iter().all(|o| !o.duplicate),
+            "rolled back, then stored once"
+        );
+        let retry = results[1].as_ref().expect("answered");
+        assert!(retry[0].duplicate && retry[0].message.id == 1);
+        let (rows, _) = store
+            .get_messages("s_1_3", Direction::Forward { after_seq: 0 }, 1000)
+            .await
+            .expect("history");
+        assert_eq!(rows.len(), 600);
+        assert_eq!(seqs(&store, "s_1_4").await, Vec::<i64>::new());
     }
 
     /// Three batches in one group commit: the one with a seq conflict rolls back alone (its
