@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  socket ──► WsReader ──(ctx.add_stream)──► Session actor ──► publisher task ──► im-upstream-topic
-//!  downstream consumer ──try_send──► delivery queue ──(ctx.add_stream)──┘   │
+//!  downstream consumer ──try_send──► delivery queue ──(Flusher)──────┘   │
 //!                                                                          ▼ send
 //!                                                WsWriter ──(one vectored write)──► socket
 //!                                    (backlog, bounded, while the socket is full)
@@ -14,7 +14,10 @@
 //! conversation (so redelivered records are dropped). It never awaits: a frame it produces or a
 //! delivery it accepts goes into the session's backlog, which a [`Flusher`] polled by the
 //! actor's own context writes after the handlers of each pass, all of the pass's frames in one
-//! vectored write, and again whenever the socket takes more. No other task writes. When frames
+//! vectored write, and again whenever the socket takes more. No other task writes. The same
+//! `Flusher` takes the deliveries from the session's delivery queue, right before it writes
+//! (not a stream of the context of its own: one thing less to poll at each wake of each of
+//! 10,000 sessions in a fan-out). When frames
 //! held back by a full socket reach `outbound_queue` the client is not reading fast enough and
 //! the session is closed with 1013; nothing is ever buffered without bound.
 //!
@@ -25,7 +28,8 @@
 //! so a slow bus never blocks deliveries; both are made at the session's first send, so a
 //! connection that only listens costs neither.
 //!
-//! Closing: the actor hands the writer, with the backlog when it is to be flushed first, to
+//! Closing: the actor hands the writer, with the backlog when it is to be flushed first (and
+//! then with the deliveries still in its queue, as far as `outbound_queue` allows), to
 //! a short-lived task that sends the close frame within `close_grace` and drops the socket, then
 //! stops. On stop the session leaves the registry and its user is marked for presence
 //! reporting.
@@ -145,6 +149,8 @@ pub(crate) struct Session {
     start_publisher: StartPublisher,
     /// The delivery queue's sender, handed to the registry in `started`.
     deliveries: Option<mpsc::Sender<Arc<Delivery>>>,
+    /// The delivery queue, emptied by the [`Flusher`] before each write.
+    inbox: mpsc::Receiver<Arc<Delivery>>,
     /// How long the `101` may wait for this user's presence report (zero: not at all).
     presence_wait: Duration,
     abuse_count: u32,
@@ -193,7 +199,7 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
         trace_id,
     } = params;
     let queue = shared.settings.outbound_queue.max(1);
-    let (deliver_tx, mut deliver_rx) = mpsc::channel::<Arc<Delivery>>(queue);
+    let (deliver_tx, deliver_rx) = mpsc::channel::<Arc<Delivery>>(queue);
     let id: Arc<str> = shared.next_session_id().into();
     let span =
         tracing::info_span!("ws", session_id = %id, user_id = %user_id, trace_id = %trace_id);
@@ -202,7 +208,6 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
     let presence_wait = shared.settings.presence_wait;
     Session::create(move |ctx| {
         ctx.add_stream(stream);
-        ctx.add_stream(futures::stream::poll_fn(move |cx| deliver_rx.poll_recv(cx)));
         Session {
             id,
             user_id: user_id.into(),
@@ -214,6 +219,7 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
             upstream: None,
             start_publisher,
             deliveries: Some(deliver_tx),
+            inbox: deliver_rx,
             presence_wait,
             abuse_count: 0,
             abuse_since: Instant::now(),
@@ -330,6 +336,18 @@ impl Session {
         }
         if let Some(ws) = self.ws.take() {
             let backlog = if drain {
+                // What the downstream consumer already offered goes out too, behind what
+                // waited, as far as the backlog's bound allows (the client resyncs the rest).
+                let limit = self.shared.settings.outbound_queue.max(1);
+                while self.backlog.len() < limit {
+                    let Ok(delivery) = self.inbox.try_recv() else {
+                        break;
+                    };
+                    if self.fresh(&delivery) {
+                        self.backlog
+                            .push_back(Outbound::Text(delivery.text.clone(), delivery.kind));
+                    }
+                }
                 std::mem::take(&mut self.backlog)
             } else {
                 VecDeque::new()
@@ -416,6 +434,17 @@ impl Session {
     /// context after its handlers, so every frame queued in one pass of the actor goes out in
     /// one system call.
     fn flush(&mut self, ctx: &mut Context<Self>, task: &mut std::task::Context<'_>) -> Poll<()> {
+        // The deliveries offered since the last poll (the queue's wake-up is this context's).
+        // Not timed: a delivery is a queue push (well under the histogram's first bucket), and
+        // two clock reads and a histogram sample per delivery were a tenth of the world room
+        // fan-out's CPU outside the socket writes. Its waiting shows in the outbound depth.
+        while !self.closing {
+            match self.inbox.poll_recv(task) {
+                Poll::Ready(Some(delivery)) => self.deliver(ctx, delivery),
+                // Closed once the registry dropped the session: nothing more comes.
+                Poll::Ready(None) | Poll::Pending => break,
+            }
+        }
         loop {
             let Some(ws) = self.ws.as_mut() else {
                 // Closing: the socket went to `close_socket`, or it failed.
@@ -623,25 +652,17 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Session {
     }
 }
 
-impl StreamHandler<Arc<Delivery>> for Session {
-    fn handle(&mut self, delivery: Arc<Delivery>, ctx: &mut Context<Self>) {
-        if self.closing {
-            return;
-        }
-        // Not timed: a delivery is a queue push (well under the histogram's first bucket), and
-        // two clock reads and a histogram sample per delivery were a tenth of the world room
-        // fan-out's CPU outside the socket writes. Its waiting shows in the outbound depth.
-        self.deliver(ctx, delivery);
-    }
-
-    fn finished(&mut self, _ctx: &mut Context<Self>) {
-        // Only ends once the registry dropped the session; the socket stream decides.
-    }
-}
-
 impl Session {
     /// Queues a delivery unless this session already delivered its seq.
     fn deliver(&mut self, ctx: &mut Context<Self>, delivery: Arc<Delivery>) {
+        if self.fresh(&delivery) {
+            self.push(ctx, Outbound::Text(delivery.text.clone(), delivery.kind));
+        }
+    }
+
+    /// Whether `delivery` is to be sent: not a seq of its conversation this session delivered
+    /// already (a redelivered record). Counts it as delivered.
+    fn fresh(&mut self, delivery: &Delivery) -> bool {
         if let Some((conversation, seq)) = &delivery.seq
             && *seq > 0
         {
@@ -650,7 +671,7 @@ impl Session {
             if let Some(last) = self.delivered.get_mut(conversation) {
                 if *seq <= *last {
                     self.shared.stats.duplicate_dropped();
-                    return;
+                    return false;
                 }
                 *last = *seq;
             } else {
@@ -660,7 +681,7 @@ impl Session {
                 self.delivered.insert(Arc::clone(conversation), *seq);
             }
         }
-        self.push(ctx, Outbound::Text(delivery.text.clone(), delivery.kind));
+        true
     }
 }
 
