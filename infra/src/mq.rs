@@ -51,6 +51,7 @@ impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> Message fo
 trait Carried: Any + Send + Sync {
     fn to_json(&self) -> Result<Vec<u8>, serde_json::Error>;
     fn as_any(&self) -> &dyn Any;
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
     fn type_name(&self) -> &'static str;
 }
 
@@ -60,6 +61,10 @@ impl<T: Message> Carried for T {
     }
 
     fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
         self
     }
 
@@ -108,6 +113,18 @@ impl Payload {
                 None => serde_json::from_slice(&value.to_json()?).map(Cow::Owned),
             },
         }
+    }
+
+    /// The payload as a shared `T`: a value of type `T` is shared as it is (its `Arc` cloned,
+    /// nothing copied); anything else is read as [`Payload::decode`] reads it. For a consumer
+    /// that keeps the value past the record.
+    pub fn decode_shared<T: Message>(&self) -> Result<Arc<T>, serde_json::Error> {
+        if let Body::Value(value) = &self.0
+            && let Ok(shared) = Arc::clone(value).into_any().downcast::<T>()
+        {
+            return Ok(shared);
+        }
+        self.decode::<T>().map(|v| Arc::new(v.into_owned()))
     }
 
     /// The bytes on the wire: the bytes themselves, or a value's JSON.
@@ -265,6 +282,23 @@ mod tests {
         let decoded = payload.decode::<Note>().expect("decodes");
         assert!(matches!(decoded, Cow::Borrowed(_)));
         assert_eq!(*decoded, note());
+    }
+
+    #[test]
+    fn a_shared_value_of_the_asked_type_is_the_same_allocation() {
+        let shared = Arc::new(note());
+        let payload = Payload::shared(Arc::clone(&shared));
+        let decoded = payload.decode_shared::<Note>().expect("decodes");
+        assert!(Arc::ptr_eq(&decoded, &shared), "not copied");
+        // Another type, or bytes, are read as `decode` reads them.
+        assert_eq!(payload.decode_shared::<SeqOnly>().expect("json").seq, 3);
+        let bytes = Payload::from(serde_json::to_vec(&note()).expect("json"));
+        assert_eq!(*bytes.decode_shared::<Note>().expect("parsed"), note());
+        assert!(
+            Payload::from(b"{".as_slice())
+                .decode_shared::<Note>()
+                .is_err()
+        );
     }
 
     #[test]

@@ -52,8 +52,8 @@ use load::ActorLoad;
 /// acknowledged, or refused with an error frame).
 #[derive(Debug)]
 pub struct Incoming {
-    /// The message.
-    pub message: UpstreamMessage,
+    /// The message (as the bus handed it over: shared, not copied).
+    pub message: Arc<UpstreamMessage>,
     /// Completion signal for the upstream consumer (it commits after this).
     pub done: oneshot::Sender<()>,
 }
@@ -192,7 +192,7 @@ impl<R: RepoApi, B: Bus> Directory<R, B> {
 
     /// Hands a message to its conversation's actor and waits until it is handled. A message
     /// for an actor that stopped meanwhile goes to a fresh one.
-    pub async fn route(&self, message: UpstreamMessage) -> Result<(), AppError> {
+    pub async fn route(&self, message: Arc<UpstreamMessage>) -> Result<(), AppError> {
         let core = self
             .core
             .upgrade()
@@ -207,7 +207,7 @@ impl<R: RepoApi, B: Bus> Directory<R, B> {
             let (done, wait) = oneshot::channel();
             match addr
                 .send(Incoming {
-                    message: message.clone(),
+                    message: Arc::clone(&message),
                     done,
                 })
                 .await
@@ -359,7 +359,7 @@ impl<R: RepoApi, B: Bus> ConversationActor<R, B> {
         let load = Arc::clone(&self.load);
         let started = Instant::now();
         let fut = async move {
-            let (messages, done): (Vec<UpstreamMessage>, Vec<oneshot::Sender<()>>) =
+            let (messages, done): (Vec<Arc<UpstreamMessage>>, Vec<oneshot::Sender<()>>) =
                 batch.into_iter().map(|i| (i.message, i.done)).unzip();
             let state = process(&core, &conv, kind, messages, (seqs, members)).await;
             for d in done {
@@ -384,7 +384,7 @@ impl<R: RepoApi, B: Bus> ConversationActor<R, B> {
 
 /// A message of the batch on its way to storage.
 struct Pending {
-    up: UpstreamMessage,
+    up: Arc<UpstreamMessage>,
     sender: String,
     session: String,
 }
@@ -394,13 +394,13 @@ async fn process<R: RepoApi, B: Bus>(
     core: &Core<R, B>,
     conv: &str,
     kind: ConversationKind,
-    messages: Vec<UpstreamMessage>,
+    messages: Vec<Arc<UpstreamMessage>>,
     (mut seqs, mut members): (Seqs, Members),
 ) -> (Seqs, Members) {
     // 0. Control records: a member left, so ask repo about them again. Messages of this batch
     //    are checked after that, whatever their order (each is checked against repo's state
     //    now, as without the memo).
-    let (controls, messages): (Vec<UpstreamMessage>, Vec<UpstreamMessage>) = messages
+    let (controls, messages): (Vec<Arc<UpstreamMessage>>, Vec<Arc<UpstreamMessage>>) = messages
         .into_iter()
         .partition(|m| m.headers.contains_key(HEADER_CONTROL));
     for c in &controls {

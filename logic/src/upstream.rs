@@ -47,9 +47,9 @@ impl<R: RepoApi, B: Bus> Logic<R, B> {
                     let partition = record.partition;
                     let offset = record.offset;
                     windows.entry(partition).or_default().push_back((offset, false));
-                    match record.payload.decode::<UpstreamMessage>() {
+                    // Shared, not copied: in process the record holds the gateway's own `Arc`.
+                    match record.payload.decode_shared::<UpstreamMessage>() {
                         Ok(message) => {
-                            let message = message.into_owned();
                             let logic = self.clone();
                             in_flight.push(async move {
                                 let trace = message.trace_id.clone();
