@@ -981,6 +981,21 @@ mod tests {
         (how, results)
     }
 
+    /// Each batch's answers as (duplicate, id, seq), every batch stored.
+    fn duplicate_id_seq(
+        results: Vec<Result<Vec<SaveOutcome>, TxError>>,
+    ) -> Vec<Vec<(bool, i64, i64)>> {
+        results
+            .into_iter()
+            .map(|r| {
+                r.expect("stored")
+                    .iter()
+                    .map(|o| (o.duplicate, o.message.id, o.message.seq_id))
+                    .collect()
+            })
+            .collect()
+    }
+
     /// Batches of different conversations are stored together (the merged path) with the
     /// answers, conversation rows and read pointers each would get alone; batches that collide
     /// (one key in two of them) fall back to one by one, where the later one is a duplicate.
@@ -1000,15 +1015,7 @@ mod tests {
         )
         .await;
         assert_eq!(how, Stored::Merged);
-        let answers: Vec<Vec<(bool, i64, i64)>> = results
-            .into_iter()
-            .map(|r| {
-                r.expect("stored")
-                    .iter()
-                    .map(|o| (o.duplicate, o.message.id, o.message.seq_id))
-                    .collect()
-            })
-            .collect();
+        let answers = duplicate_id_seq(results);
         assert_eq!(
             answers,
             vec![
@@ -1088,15 +1095,7 @@ mod tests {
         )
         .await;
         assert_eq!(how, Stored::Fresh);
-        let answers: Vec<Vec<(bool, i64, i64)>> = results
-            .into_iter()
-            .map(|r| {
-                r.expect("stored")
-                    .iter()
-                    .map(|o| (o.duplicate, o.message.id, o.message.seq_id))
-                    .collect()
-            })
-            .collect();
+        let answers = duplicate_id_seq(results);
         assert_eq!(
             answers,
             vec![
