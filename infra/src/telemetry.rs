@@ -122,7 +122,8 @@ pub const STORE_SECONDS: &str = "gochat_store_duration_seconds";
 pub const STORE_ERRORS: &str = "gochat_store_errors_total";
 /// Counter: SQLite group commits, by `how` (`fresh`: every batch with one set of statements and
 /// no lookup, none of their messages stored before; `merged`: the same after looking up what
-/// was stored; `one_by_one`: batches that collided; `failed`).
+/// was stored, after a collision and for a few groups after one; `one_by_one`: batches that
+/// collided; `failed`).
 pub const STORE_GROUP_COMMITS: &str = "gochat_store_group_commits_total";
 /// Histogram: seconds per cache call, by `op`.
 pub const CACHE_SECONDS: &str = "gochat_cache_duration_seconds";

@@ -665,6 +665,7 @@ async fn commit_loop(inner: Arc<Inner>) {
         }
     }
     let mut reset = Reset(&inner, true);
+    let mut gate = FreshGate::default();
     loop {
         let mut conn = inner.writer.lock().await;
         let queued = {
@@ -679,15 +680,46 @@ async fn commit_loop(inner: Arc<Inner>) {
         histogram!(t::BATCH_SIZE, "kind" => "sqlite_commit").record(queued.len() as f64);
         // Outcomes are sent from the blocking call itself, after the commit.
         let started = std::time::Instant::now();
+        let fresh = gate.allows();
         let done = conn
-            .spawn_blocking(move |c| Ok(commit_group(c, queued)))
+            .spawn_blocking(move |c| Ok(commit_group(c, queued, fresh)))
             .await;
         histogram!(t::STORE_SECONDS, "op" => "sqlite_group_commit")
             .record(started.elapsed().as_secs_f64());
         match done {
-            Ok(how) => counter!(t::STORE_GROUP_COMMITS, "how" => how.label()).increment(1),
+            Ok((how, collided)) => {
+                gate.record(collided);
+                counter!(t::STORE_GROUP_COMMITS, "how" => how.label()).increment(1);
+            }
             Err(e) => tracing::error!(cause = %e, "the sqlite writer failed"),
         }
+    }
+}
+
+/// Whether a group commit tries the path without lookups first. After a try collided, the
+/// next [`FreshGate::CAREFUL_GROUPS`] groups go the careful way at once: while clients resend
+/// (a reconnect storm), nearly every group may hold a message stored before, and each failed
+/// try costs a group's inserts twice.
+#[derive(Debug, Default)]
+struct FreshGate {
+    /// Groups still to go the careful way.
+    careful: u32,
+}
+
+impl FreshGate {
+    const CAREFUL_GROUPS: u32 = 8;
+
+    fn allows(&self) -> bool {
+        self.careful == 0
+    }
+
+    /// The outcome of the last group: whether its try without lookups collided.
+    fn record(&mut self, collided: bool) {
+        self.careful = if collided {
+            Self::CAREFUL_GROUPS
+        } else {
+            self.careful.saturating_sub(1)
+        };
     }
 }
 
@@ -725,18 +757,23 @@ impl Stored {
 /// way in a new one: all batches as one after looking up what is stored, in a savepoint; if
 /// they collide or fail, batch by batch, each in a savepoint of its own, so one batch's failure
 /// is that batch's alone. This connection is the only writer, so nothing changes in between.
-fn commit_group(c: &mut SqliteConnection, queued: Vec<Queued>) -> Stored {
+///
+/// `fresh`: whether to try the first way at all. Returns how the group was stored and whether
+/// that try collided.
+fn commit_group(c: &mut SqliteConnection, queued: Vec<Queued>, fresh: bool) -> (Stored, bool) {
     let (batches, senders): (Vec<Arc<Prepared>>, Vec<_>) = queued.into_iter().unzip();
-    if mergeable(&batches) {
+    let mut collided = false;
+    if fresh && mergeable(&batches) {
         match c.transaction::<_, TxError, _>(|c| save_fresh(c, &batches)) {
             Ok(answers) => {
                 for (tx, answer) in senders.into_iter().zip(answers) {
                     let _ = tx.send(Ok(answer));
                 }
-                return Stored::Fresh;
+                return (Stored::Fresh, false);
             }
             Err(e) => {
-                tracing::debug!(cause = ?e, "group commit collided; looking up what is stored")
+                collided = true;
+                tracing::debug!(cause = ?e, "group commit collided; looking up what is stored");
             }
         }
     }
@@ -757,7 +794,7 @@ fn commit_group(c: &mut SqliteConnection, queued: Vec<Queued>) -> Stored {
             .map(|p| c.transaction::<_, TxError, _>(|c| save_sync(c, p)))
             .collect::<Vec<_>>())
     });
-    match outcome {
+    let how = match outcome {
         Ok(results) => {
             for (tx, result) in senders.into_iter().zip(results) {
                 let _ = tx.send(result);
@@ -777,7 +814,8 @@ fn commit_group(c: &mut SqliteConnection, queued: Vec<Queued>) -> Stored {
             }
             Stored::Failed
         }
-    }
+    };
+    (how, collided)
 }
 
 /// Applies pending migrations to the file at `path`.
@@ -959,6 +997,18 @@ mod tests {
         batches: &[Vec<Message>],
         mark_read: bool,
     ) -> (Stored, Vec<Result<Vec<SaveOutcome>, TxError>>) {
+        let (how, _, results) = group_commit_with(store, batches, mark_read, true).await;
+        (how, results)
+    }
+
+    /// [`group_commit`], saying whether to try the path without lookups, and answering
+    /// whether that try collided.
+    async fn group_commit_with(
+        store: &SqliteStore,
+        batches: &[Vec<Message>],
+        mark_read: bool,
+        fresh: bool,
+    ) -> (Stored, bool, Vec<Result<Vec<SaveOutcome>, TxError>>) {
         let mut answers = Vec::new();
         let mut queued = Vec::new();
         for b in batches {
@@ -969,8 +1019,8 @@ mod tests {
             answers.push(rx);
         }
         let mut conn = store.inner.writer.lock().await;
-        let how = conn
-            .spawn_blocking(move |c| Ok(commit_group(c, queued)))
+        let (how, collided) = conn
+            .spawn_blocking(move |c| Ok(commit_group(c, queued, fresh)))
             .await
             .expect("the group commit ran");
         drop(conn);
@@ -978,7 +1028,7 @@ mod tests {
         for rx in answers {
             results.push(rx.await.expect("an answer for every batch"));
         }
-        (how, results)
+        (how, collided, results)
     }
 
     /// Each batch's answers as (duplicate, id, seq), every batch stored.
@@ -1138,6 +1188,49 @@ mod tests {
             .expect("history");
         assert_eq!(rows.len(), 600);
         assert_eq!(seqs(&store, "s_1_4").await, Vec::<i64>::new());
+    }
+
+    /// A group whose try without lookups collides says so; a group told not to try goes the
+    /// careful way even when nothing of it was stored; after a collision the gate keeps the
+    /// next groups careful, and a group that did not collide counts one of them down.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_collision_keeps_the_next_groups_careful() {
+        let (_dir, store) = store_with(msg(1, "s_1_2", 1, Some("k1"))).await;
+        let (how, collided, _) = group_commit_with(
+            &store,
+            &[
+                vec![msg(2, "s_1_3", 1, Some("k1"))],
+                vec![msg(3, "s_1_4", 1, None)],
+            ],
+            false,
+            true,
+        )
+        .await;
+        assert_eq!((how, collided), (Stored::Merged, true));
+        let (how, collided, results) = group_commit_with(
+            &store,
+            &[
+                vec![msg(4, "s_1_5", 1, None)],
+                vec![msg(5, "s_1_6", 1, None)],
+            ],
+            false,
+            false,
+        )
+        .await;
+        assert_eq!((how, collided), (Stored::Merged, false), "not tried");
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(seqs(&store, "s_1_6").await, vec![1]);
+
+        let mut gate = FreshGate::default();
+        assert!(gate.allows());
+        gate.record(true);
+        for _ in 0..FreshGate::CAREFUL_GROUPS {
+            assert!(!gate.allows());
+            gate.record(false);
+        }
+        assert!(gate.allows(), "careful for a bounded number of groups");
+        gate.record(false);
+        assert!(gate.allows());
     }
 
     /// Three batches in one group commit: the one with a seq conflict rolls back alone (its
