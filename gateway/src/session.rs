@@ -17,9 +17,9 @@
 //! vectored write, and again whenever the socket takes more. No other task writes. The same
 //! `Flusher` takes the deliveries from the session's delivery queue, right before it writes
 //! (not a stream of the context of its own: one thing less to poll at each wake of each of
-//! 10,000 sessions in a fan-out). When frames
-//! held back by a full socket reach `outbound_queue` the client is not reading fast enough and
-//! the session is closed with 1013; nothing is ever buffered without bound.
+//! 10,000 sessions in a fan-out). When frames held back by a full socket reach
+//! `outbound_queue` the client is not reading fast enough and the session is closed with 1013;
+//! nothing is ever buffered without bound.
 //!
 //! Opening: the writer holds the `101` response until the user's presence is reported (at most
 //! `presence_wait`), so from the moment a client sees its connection open every message stored
@@ -82,6 +82,13 @@ pub(crate) struct Delivery {
     pub text: ByteString,
     /// For `new-message`: (conversation, seq), for duplicate suppression.
     pub seq: Option<(Arc<str>, i64)>,
+}
+
+impl Delivery {
+    /// The frame for one session's backlog (the text shared, not copied).
+    fn outbound(&self) -> Outbound {
+        Outbound::Text(self.text.clone(), self.kind)
+    }
 }
 
 /// Close this session (sent by the registry: too slow, or shutdown).
@@ -344,8 +351,7 @@ impl Session {
                         break;
                     };
                     if self.fresh(&delivery) {
-                        self.backlog
-                            .push_back(Outbound::Text(delivery.text.clone(), delivery.kind));
+                        self.backlog.push_back(delivery.outbound());
                     }
                 }
                 std::mem::take(&mut self.backlog)
@@ -656,7 +662,7 @@ impl Session {
     /// Queues a delivery unless this session already delivered its seq.
     fn deliver(&mut self, ctx: &mut Context<Self>, delivery: Arc<Delivery>) {
         if self.fresh(&delivery) {
-            self.push(ctx, Outbound::Text(delivery.text.clone(), delivery.kind));
+            self.push(ctx, delivery.outbound());
         }
     }
 
