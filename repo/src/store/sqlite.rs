@@ -654,6 +654,12 @@ impl Inner {
 
 /// Commits what is queued, again and again, until the queue is empty: while one transaction
 /// runs, the batches arriving meanwhile gather for the next.
+///
+/// The commits run back to back inside one call on the blocking pool ([`commit_run`]), for up
+/// to [`COMMIT_RUN`] at a time. A call per commit made every commit wait, after its blocking
+/// call, for this task to be polled again on its runtime, where the conversation actors that
+/// started it keep the thread busy: a saturated writer's thread was running only about 60 % of
+/// the time while batches waited (docs/benchmarks.md, thirteenth session).
 async fn commit_loop(inner: Arc<Inner>) {
     /// Lets the next batch start a new loop if this one ends early (its runtime shut down).
     struct Reset<'a>(&'a Inner, bool);
@@ -668,30 +674,48 @@ async fn commit_loop(inner: Arc<Inner>) {
     let mut gate = FreshGate::default();
     loop {
         let mut conn = inner.writer.lock().await;
-        let queued = {
+        {
             let mut q = inner.queue();
             if q.batches.is_empty() {
                 q.committing = false;
                 reset.1 = false;
                 return;
             }
-            std::mem::take(&mut q.batches)
-        };
+        }
+        // Outcomes are sent from the blocking call itself, after each commit.
+        let run = Arc::clone(&inner);
+        match conn
+            .spawn_blocking(move |c| Ok(commit_run(c, &run, gate)))
+            .await
+        {
+            Ok(next) => gate = next,
+            Err(e) => tracing::error!(cause = %e, "the sqlite writer failed"),
+        }
+    }
+}
+
+/// How long [`commit_run`] goes on committing while batches keep coming: other writes (a new
+/// user, a conversation, a read pointer) wait for the writer at most about this long.
+const COMMIT_RUN: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// Group commits, one after the other, of whatever is queued when the last one ended, until
+/// the queue is empty or [`COMMIT_RUN`] has passed. Returns the gate for the next run.
+fn commit_run(c: &mut SqliteConnection, inner: &Inner, mut gate: FreshGate) -> FreshGate {
+    let run = std::time::Instant::now();
+    loop {
+        let queued = std::mem::take(&mut inner.queue().batches);
+        if queued.is_empty() {
+            return gate;
+        }
         histogram!(t::BATCH_SIZE, "kind" => "sqlite_commit").record(queued.len() as f64);
-        // Outcomes are sent from the blocking call itself, after the commit.
         let started = std::time::Instant::now();
-        let fresh = gate.allows();
-        let done = conn
-            .spawn_blocking(move |c| Ok(commit_group(c, queued, fresh)))
-            .await;
+        let (how, collided) = commit_group(c, queued, gate.allows());
         histogram!(t::STORE_SECONDS, "op" => "sqlite_group_commit")
             .record(started.elapsed().as_secs_f64());
-        match done {
-            Ok((how, collided)) => {
-                gate.record(collided);
-                counter!(t::STORE_GROUP_COMMITS, "how" => how.label()).increment(1);
-            }
-            Err(e) => tracing::error!(cause = %e, "the sqlite writer failed"),
+        gate.record(collided);
+        counter!(t::STORE_GROUP_COMMITS, "how" => how.label()).increment(1);
+        if run.elapsed() >= COMMIT_RUN {
+            return gate;
         }
     }
 }
@@ -700,7 +724,7 @@ async fn commit_loop(inner: Arc<Inner>) {
 /// next [`FreshGate::CAREFUL_GROUPS`] groups go the careful way at once: while clients resend
 /// (a reconnect storm), nearly every group may hold a message stored before, and each failed
 /// try costs a group's inserts twice.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 struct FreshGate {
     /// Groups still to go the careful way.
     careful: u32,
@@ -1231,6 +1255,46 @@ mod tests {
         assert!(gate.allows(), "careful for a bounded number of groups");
         gate.record(false);
         assert!(gate.allows());
+    }
+
+    /// A commit run stores whatever is queued, answers every batch and leaves the queue empty;
+    /// the gate it hands back remembers a collision of its last group for the next run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_run_empties_the_queue_and_hands_the_gate_on() {
+        let (_dir, store) = store_with(msg(1, "s_1_2", 1, Some("k1"))).await;
+        let mut answers = Vec::new();
+        {
+            let mut q = store.inner.queue();
+            for b in [
+                vec![msg(2, "s_1_3", 1, None)],
+                vec![msg(3, "s_1_4", 1, Some("k1"))],
+            ] {
+                let (tx, rx) = oneshot::channel();
+                let p = Prepared::new(&b, 1_700_000_000_000).expect("valid");
+                q.batches.push((Arc::new(p), tx));
+                answers.push(rx);
+            }
+        }
+        let inner = Arc::clone(&store.inner);
+        let mut conn = store.inner.writer.lock().await;
+        let gate = conn
+            .spawn_blocking(move |c| Ok(commit_run(c, &inner, FreshGate::default())))
+            .await
+            .expect("the run ran");
+        drop(conn);
+        assert!(store.inner.queue().batches.is_empty());
+        assert!(
+            !gate.allows(),
+            "its group collided: the next runs start careful"
+        );
+        let mut got = Vec::new();
+        for rx in answers {
+            got.push(rx.await.expect("an answer for every batch"));
+        }
+        assert_eq!(
+            duplicate_id_seq(got),
+            vec![vec![(false, 2, 1)], vec![(true, 1, 1)]]
+        );
     }
 
     /// Three batches in one group commit: the one with a seq conflict rolls back alone (its
