@@ -103,6 +103,8 @@ type Queued = (
 #[derive(Default)]
 struct Queue {
     batches: Vec<Queued>,
+    /// When the oldest of `batches` was queued.
+    since: Option<std::time::Instant>,
     /// A [`commit_loop`] runs and will take what is queued.
     committing: bool,
 }
@@ -175,6 +177,7 @@ impl SqliteStore {
         let start = {
             let mut q = self.inner.queue();
             q.batches.push((Arc::clone(prepared), tx));
+            q.since.get_or_insert_with(std::time::Instant::now);
             !std::mem::replace(&mut q.committing, true)
         };
         if start {
@@ -703,9 +706,16 @@ const COMMIT_RUN: std::time::Duration = std::time::Duration::from_millis(25);
 fn commit_run(c: &mut SqliteConnection, inner: &Inner, mut gate: FreshGate) -> FreshGate {
     let run = std::time::Instant::now();
     loop {
-        let queued = std::mem::take(&mut inner.queue().batches);
+        let (queued, since) = {
+            let mut q = inner.queue();
+            (std::mem::take(&mut q.batches), q.since.take())
+        };
         if queued.is_empty() {
             return gate;
+        }
+        if let Some(since) = since {
+            histogram!(t::STORE_SECONDS, "op" => "sqlite_commit_wait")
+                .record(since.elapsed().as_secs_f64());
         }
         histogram!(t::BATCH_SIZE, "kind" => "sqlite_commit").record(queued.len() as f64);
         let started = std::time::Instant::now();
