@@ -1272,6 +1272,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_commit_run_empties_the_queue_and_hands_the_gate_on() {
         let (_dir, store) = store_with(msg(1, "s_1_2", 1, Some("k1"))).await;
+        // The writer first: the loop that stored the first message may not have ended yet,
+        // and it must not take these batches.
+        let mut conn = store.inner.writer.lock().await;
         let mut answers = Vec::new();
         {
             let mut q = store.inner.queue();
@@ -1286,7 +1289,6 @@ mod tests {
             }
         }
         let inner = Arc::clone(&store.inner);
-        let mut conn = store.inner.writer.lock().await;
         let gate = conn
             .spawn_blocking(move |c| Ok(commit_run(c, &inner, FreshGate::default())))
             .await
