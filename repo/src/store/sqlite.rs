@@ -1043,26 +1043,38 @@ mod tests {
         mark_read: bool,
         fresh: bool,
     ) -> (Stored, bool, Vec<Result<Vec<SaveOutcome>, TxError>>) {
-        let mut answers = Vec::new();
-        let mut queued = Vec::new();
-        for b in batches {
-            let (tx, rx) = oneshot::channel();
-            let mut p = Prepared::new(b, 1_700_000_000_000).expect("valid");
-            p.mark_read = mark_read;
-            queued.push((Arc::new(p), tx));
-            answers.push(rx);
-        }
+        let (queued, answers) = queue_of(batches, mark_read);
         let mut conn = store.inner.writer.lock().await;
         let (how, collided) = conn
             .spawn_blocking(move |c| Ok(commit_group(c, queued, fresh)))
             .await
             .expect("the group commit ran");
         drop(conn);
-        let mut results = Vec::new();
+        (how, collided, answered(answers).await)
+    }
+
+    type Answer = oneshot::Receiver<Result<Vec<SaveOutcome>, TxError>>;
+
+    /// `batches` as the writer's queue holds them, with where each one's answer arrives.
+    fn queue_of(batches: &[Vec<Message>], mark_read: bool) -> (Vec<Queued>, Vec<Answer>) {
+        batches
+            .iter()
+            .map(|b| {
+                let (tx, rx) = oneshot::channel();
+                let mut p = Prepared::new(b, 1_700_000_000_000).expect("valid");
+                p.mark_read = mark_read;
+                ((Arc::new(p), tx), rx)
+            })
+            .unzip()
+    }
+
+    /// Every batch's answer, in order.
+    async fn answered(answers: Vec<Answer>) -> Vec<Result<Vec<SaveOutcome>, TxError>> {
+        let mut results = Vec::with_capacity(answers.len());
         for rx in answers {
             results.push(rx.await.expect("an answer for every batch"));
         }
-        (how, collided, results)
+        results
     }
 
     /// Each batch's answers as (duplicate, id, seq), every batch stored.
@@ -1275,19 +1287,14 @@ mod tests {
         // The writer first: the loop that stored the first message may not have ended yet,
         // and it must not take these batches.
         let mut conn = store.inner.writer.lock().await;
-        let mut answers = Vec::new();
-        {
-            let mut q = store.inner.queue();
-            for b in [
+        let (queued, answers) = queue_of(
+            &[
                 vec![msg(2, "s_1_3", 1, None)],
                 vec![msg(3, "s_1_4", 1, Some("k1"))],
-            ] {
-                let (tx, rx) = oneshot::channel();
-                let p = Prepared::new(&b, 1_700_000_000_000).expect("valid");
-                q.batches.push((Arc::new(p), tx));
-                answers.push(rx);
-            }
-        }
+            ],
+            false,
+        );
+        store.inner.queue().batches.extend(queued);
         let inner = Arc::clone(&store.inner);
         let gate = conn
             .spawn_blocking(move |c| Ok(commit_run(c, &inner, FreshGate::default())))
@@ -1299,12 +1306,8 @@ mod tests {
             !gate.allows(),
             "its group collided: the next runs start careful"
         );
-        let mut got = Vec::new();
-        for rx in answers {
-            got.push(rx.await.expect("an answer for every batch"));
-        }
         assert_eq!(
-            duplicate_id_seq(got),
+            duplicate_id_seq(answered(answers).await),
             vec![vec![(false, 2, 1)], vec![(true, 1, 1)]]
         );
     }
