@@ -1,11 +1,13 @@
 //! The downstream consumer: reads `im-downstream-topic-{gateway_id}` as consumer group
 //! `im-gateway-{gateway_id}` and hands each record to the local sessions it is for.
 //!
-//! A record is turned into one frame, serialized once, and offered to each target session with
-//! a non-blocking bounded `try_send` (a full session is closed as too slow; the others are
-//! unaffected, and the consumer never waits on a client). The record is committed after that
-//! dispatch, so a gateway that crashes mid-record gets it again; the sessions drop `new-message`
-//! seqs they already delivered. A record that does not parse is logged and committed.
+//! A record is turned into one frame, serialized once, and handed to the hub of each worker
+//! thread with target sessions, one job per worker (`hub`), which queues it into each target
+//! session's bounded inbox (a full session is closed as too slow; the others are unaffected,
+//! and the consumer never waits on a client, only on a worker thread that is behind). The record
+//! is committed after that dispatch, so a gateway that crashes mid-record gets it again; the
+//! sessions drop `new-message` seqs they already delivered. A record that does not parse is
+//! logged and committed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,11 +16,12 @@ use gochat_infra::mq::{Bus, Consumer, MqError, Record};
 use gochat_infra::time::now_ms;
 use gochat_infra::wire::{DownstreamKind, DownstreamMessage, downstream_topic};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::frames::{
     self, ErrorData, MessageAckData, NewMessageData, OnlineStatusData, server_frame,
 };
-use crate::registry::SessionHandle;
+use crate::registry::Fanout;
 use crate::session::Delivery;
 use crate::shared::Shared;
 
@@ -66,7 +69,7 @@ pub(crate) async fn run_consumer<B: Bus>(shared: Arc<Shared>, bus: B, cancel: Ca
         };
         match next {
             Ok(record) => {
-                dispatch(&shared, &record);
+                dispatch(&shared, &record).await;
                 if let Err(e) = consumer.commit(&record).await {
                     tracing::warn!(%topic, partition = record.partition, offset = record.offset,
                         cause = %e, "downstream: commit failed");
@@ -92,7 +95,7 @@ async fn pause(cancel: &CancellationToken) -> bool {
 }
 
 /// Delivers one record to the local sessions it targets.
-pub(crate) fn dispatch(shared: &Shared, record: &Record) {
+pub(crate) async fn dispatch(shared: &Shared, record: &Record) {
     shared.stats.downstream_record();
     let msg = match record.payload.decode::<DownstreamMessage>() {
         Ok(m) => m,
@@ -103,9 +106,12 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
             return;
         }
     };
-    let msg: &DownstreamMessage = &msg;
-    let _span =
-        tracing::debug_span!("downstream", trace_id = %msg.trace_id, kind = ?msg.kind).entered();
+    let span = tracing::debug_span!("downstream", trace_id = %msg.trace_id, kind = ?msg.kind);
+    deliver(shared, &msg).instrument(span).await;
+}
+
+/// Delivers one downstream message to the local sessions it targets.
+async fn deliver(shared: &Shared, msg: &DownstreamMessage) {
     let registry = &shared.registry;
     let now = now_ms();
     let frame = |kind: &'static str, text: String, seq: Option<(Arc<str>, i64)>| {
@@ -134,17 +140,18 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
             let exclude: Option<Arc<str>> = (!msg.exclude_session.is_empty())
                 .then(|| registry.session_id(&msg.exclude_session))
                 .flatten();
-            let offer = |h: &SessionHandle| {
-                if !exclude.as_ref().is_some_and(|ex| Arc::ptr_eq(ex, &h.id)) {
-                    h.deliver(delivery.clone());
-                }
-            };
             if msg.broadcast {
-                registry.for_each(offer);
+                registry.broadcast(&delivery, exclude.as_ref()).await;
             } else {
+                let mut targets = Fanout::default();
                 for user in msg.recipients() {
-                    registry.for_user(user, offer);
+                    registry.for_user(user, |h| {
+                        if !exclude.as_ref().is_some_and(|ex| Arc::ptr_eq(ex, &h.id)) {
+                            targets.add(h);
+                        }
+                    });
                 }
+                registry.deliver(&delivery, targets).await;
             }
         }
         DownstreamKind::MessageAck => {
@@ -154,7 +161,7 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
                 MessageAckData::from(msg),
                 now,
             );
-            to_target_session(shared, msg, frame(frames::MESSAGE_ACK, text, None));
+            to_target_session(shared, msg, frame(frames::MESSAGE_ACK, text, None)).await;
         }
         DownstreamKind::Error => {
             let data = ErrorData {
@@ -166,7 +173,7 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
                 shared.stats.ws_error(code);
             }
             let text = server_frame(frames::ERROR, shared.next_id(), data, now);
-            to_target_session(shared, msg, frame(frames::ERROR, text, None));
+            to_target_session(shared, msg, frame(frames::ERROR, text, None)).await;
         }
         DownstreamKind::OnlineStatus => {
             let data = OnlineStatusData {
@@ -180,13 +187,14 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
             };
             let text = server_frame(frames::ONLINE_STATUS, shared.next_id(), data, now);
             let delivery = frame(frames::ONLINE_STATUS, text, None);
-            let offer = |h: &SessionHandle| h.deliver(delivery.clone());
             if msg.broadcast {
-                registry.for_each(offer);
+                registry.broadcast(&delivery, None).await;
             } else {
+                let mut targets = Fanout::default();
                 for user in msg.recipients() {
-                    registry.for_user(user, offer);
+                    registry.for_user(user, |h| targets.add(h));
                 }
+                registry.deliver(&delivery, targets).await;
             }
         }
     }
@@ -194,16 +202,15 @@ pub(crate) fn dispatch(shared: &Shared, record: &Record) {
 
 /// Acks and errors go to the one session that sent the message; a record without
 /// `target_session` (a spec-only producer) goes to every local session of its recipients.
-fn to_target_session(shared: &Shared, msg: &DownstreamMessage, delivery: Arc<Delivery>) {
+async fn to_target_session(shared: &Shared, msg: &DownstreamMessage, delivery: Arc<Delivery>) {
+    let registry = &shared.registry;
+    let mut targets = Fanout::default();
     if msg.target_session.is_empty() {
         for user in msg.recipients() {
-            shared
-                .registry
-                .for_user(user, |h| h.deliver(delivery.clone()));
+            registry.for_user(user, |h| targets.add(h));
         }
     } else {
-        shared
-            .registry
-            .for_session(&msg.target_session, |h| h.deliver(delivery));
+        registry.for_session(&msg.target_session, |h| targets.add(h));
     }
+    registry.deliver(&delivery, targets).await;
 }

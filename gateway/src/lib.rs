@@ -13,8 +13,10 @@
 //!   stores, acks and delivers.
 //! - **WebSocket down** (`downstream`): one consumer per gateway reads
 //!   `im-downstream-topic-{gateway_id}` and offers each record (new message, ack, error, online
-//!   status) to the local sessions it targets through the `registry`, never waiting on a
-//!   client: a session that cannot keep up is closed (1013) and resyncs by seq.
+//!   status) to the local sessions it targets: the `registry` knows each session's worker
+//!   thread, and the consumer hands each worker's `hub` one job per record, which queues it for
+//!   that worker's sessions. It never waits on a client: a session that cannot keep up is
+//!   closed (1013) and resyncs by seq.
 //! - **Presence** (`presence`): the first local session of a user reports `UserConnected`,
 //!   the last one's close `UserDisconnected`, and all local users are refreshed every third of
 //!   the presence ttl.
@@ -32,6 +34,7 @@ mod admin;
 mod api;
 mod downstream;
 mod frames;
+mod hub;
 mod presence;
 mod registry;
 mod session;

@@ -1,9 +1,10 @@
 //! [`Registry`]: the local sessions of this gateway, by user (a user may have several devices)
 //! and by session id (acks and errors go to one session).
 //!
-//! Both maps are sharded (`DashMap`), so registering, looking up and delivering never take a
-//! global lock. Delivery into a session is a non-blocking bounded `try_send`; a session whose
-//! queue is full is told to close as too slow (once), and the others are unaffected.
+//! Both maps are sharded (`DashMap`), so registering and looking up never take a global lock.
+//! Deliveries do not go into a session from here: the registry knows which worker thread each
+//! session lives on (its hub's port, see `hub`) and sends each worker's hub one job per record,
+//! which queues the delivery for its sessions on that thread.
 //!
 //! Heartbeats are checked here too: each session stamps [`Signals::last_seen_ms`] when a frame
 //! arrives, and one sweep per gateway ([`Registry::close_silent`], every
@@ -13,6 +14,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::Addr;
@@ -20,14 +22,20 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
+use crate::hub::{Job, Target, Targets};
 use crate::session::{CloseSession, Delivery, Session};
 use crate::stats::CloseCause;
+
+/// Tells registries apart (a worker thread's hubs are found by it).
+static REGISTRIES: AtomicU64 = AtomicU64::new(0);
 
 /// What a session and the rest of the gateway both read and write, in one allocation.
 #[derive(Debug, Default)]
 pub(crate) struct Signals {
     /// Frames the session holds back because its socket is not taking them (its backlog).
     pub backlog: AtomicUsize,
+    /// Deliveries in the session's inbox, not yet taken by the session.
+    pub inbox: AtomicUsize,
     /// When the session last received a frame, in milliseconds of [`Registry::clock_ms`]; the
     /// heartbeat sweep closes it once this is `heartbeat_timeout` old.
     pub last_seen_ms: AtomicU64,
@@ -53,8 +61,10 @@ pub(crate) struct SessionHandle {
     pub id: Arc<str>,
     /// Its authenticated user.
     pub user_id: Arc<str>,
-    /// Bounded queue of deliveries into the actor.
-    deliveries: mpsc::Sender<Arc<Delivery>>,
+    /// The hub of its worker thread ([`Registry::send`]).
+    port: u32,
+    /// Its slot in that hub.
+    slot: u32,
     /// Shared with the session.
     signals: Arc<Signals>,
     /// The actor's mailbox, for control messages (close).
@@ -71,40 +81,28 @@ impl fmt::Debug for SessionHandle {
 }
 
 impl SessionHandle {
+    /// The session `id` of `user_id`, in `slot` of the hub `port`.
     pub fn new(
         id: Arc<str>,
         user_id: Arc<str>,
-        deliveries: mpsc::Sender<Arc<Delivery>>,
+        (port, slot): (u32, u32),
         signals: Arc<Signals>,
         control: Addr<Session>,
     ) -> Self {
         Self {
             id,
             user_id,
-            deliveries,
+            port,
+            slot,
             signals,
             control,
-        }
-    }
-
-    /// Queues `delivery` without waiting. A full queue means the client cannot keep up: the
-    /// session is closed with 1013 and the delivery dropped (the client resyncs by seq).
-    pub fn deliver(&self, delivery: Arc<Delivery>) {
-        match self.deliveries.try_send(delivery) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.close(CloseCause::Slow, "client too slow: delivery queue full");
-            }
-            Err(TrySendError::Closed(_)) => {}
         }
     }
 
     /// Frames waiting for this session: deliveries not yet taken by the actor plus frames held
     /// in its backlog (those the socket could not take yet).
     pub fn queued(&self) -> usize {
-        let waiting = |max: usize, free: usize| max.saturating_sub(free);
-        let deliveries = waiting(self.deliveries.max_capacity(), self.deliveries.capacity());
-        deliveries + self.signals.backlog.load(Ordering::Relaxed)
+        self.signals.inbox.load(Ordering::Relaxed) + self.signals.backlog.load(Ordering::Relaxed)
     }
 
     /// When the session last received a frame ([`Registry::clock_ms`]).
@@ -126,13 +124,35 @@ impl SessionHandle {
     }
 }
 
+/// Sessions gathered for one delivery ([`Registry::deliver`]), by hub.
+#[derive(Debug, Default)]
+pub(crate) struct Fanout {
+    /// The sessions of each hub (by port), in the order the hubs were first seen.
+    hubs: Vec<(u32, Vec<Target>)>,
+}
+
+impl Fanout {
+    /// Adds a session.
+    pub fn add(&mut self, h: &SessionHandle) {
+        let target = (h.slot, Arc::clone(&h.id));
+        match self.hubs.iter_mut().find(|(port, _)| *port == h.port) {
+            Some((_, sessions)) => sessions.push(target),
+            None => self.hubs.push((h.port, vec![target])),
+        }
+    }
+}
+
 /// The local sessions.
 pub(crate) struct Registry {
     by_user: DashMap<Arc<str>, Vec<SessionHandle>>,
     by_session: DashMap<Arc<str>, SessionHandle>,
     sessions: AtomicUsize,
+    /// The job queues of the worker threads' hubs, by port (one per worker with sessions).
+    ports: RwLock<Vec<mpsc::Sender<Job>>>,
     /// The origin of [`Registry::clock_ms`].
     epoch: Instant,
+    /// Unique per registry.
+    id: u64,
 }
 
 impl Default for Registry {
@@ -141,7 +161,9 @@ impl Default for Registry {
             by_user: DashMap::default(),
             by_session: DashMap::default(),
             sessions: AtomicUsize::new(0),
+            ports: RwLock::default(),
             epoch: Instant::now(),
+            id: REGISTRIES.fetch_add(1, Ordering::Relaxed),
         }
     }
 }
@@ -156,6 +178,67 @@ impl fmt::Debug for Registry {
 }
 
 impl Registry {
+    /// Unique among the registries of this process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Adds a hub's job queue; returns its port.
+    pub fn add_port(&self, jobs: mpsc::Sender<Job>) -> u32 {
+        let mut ports = self.ports.write().unwrap_or_else(PoisonError::into_inner);
+        ports.push(jobs);
+        u32::try_from(ports.len() - 1).expect("fewer than 2^32 worker threads")
+    }
+
+    /// Hubs known.
+    pub fn ports(&self) -> usize {
+        self.ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Hands `job` to the hub `port`, waiting while its queue is full (its worker thread is
+    /// behind). A hub that is gone (its worker stopped) is skipped.
+    pub async fn send(&self, port: u32, job: Job) {
+        let jobs = {
+            let ports = self.ports.read().unwrap_or_else(PoisonError::into_inner);
+            let Some(jobs) = ports.get(port as usize) else {
+                return;
+            };
+            match jobs.try_send(job) {
+                Ok(()) | Err(TrySendError::Closed(_)) => return,
+                Err(TrySendError::Full(job)) => (jobs.clone(), job),
+            }
+        };
+        let (jobs, job) = jobs;
+        let _ = jobs.send(job).await;
+    }
+
+    /// Queues `delivery` for every local session except `exclude` (one job per hub).
+    pub async fn broadcast(&self, delivery: &Arc<Delivery>, exclude: Option<&Arc<str>>) {
+        for port in 0..u32::try_from(self.ports()).unwrap_or(u32::MAX) {
+            let job = Job {
+                delivery: Arc::clone(delivery),
+                targets: Targets::All {
+                    exclude: exclude.cloned(),
+                },
+            };
+            self.send(port, job).await;
+        }
+    }
+
+    /// Queues `delivery` for the sessions gathered in `targets` (one job per hub).
+    pub async fn deliver(&self, delivery: &Arc<Delivery>, targets: Fanout) {
+        for (port, sessions) in targets.hubs {
+            let job = Job {
+                delivery: Arc::clone(delivery),
+                targets: Targets::Some(sessions),
+            };
+            self.send(port, job).await;
+        }
+    }
+
     /// Adds a session; returns how many local sessions its user has now (1: the first).
     pub fn insert(&self, handle: SessionHandle) -> usize {
         self.sessions.fetch_add(1, Ordering::Relaxed);

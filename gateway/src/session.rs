@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  socket ──► WsReader ──(ctx.add_stream)──► Session actor ──► publisher task ──► im-upstream-topic
-//!  downstream consumer ──try_send──► delivery queue ──(Flusher)──────┘   │
+//!  worker's hub (`hub`) ──local push──► inbox ──(Flusher)──────────┘   │
 //!                                                                          ▼ send
 //!                                                WsWriter ──(one vectored write)──► socket
 //!                                    (backlog, bounded, while the socket is full)
@@ -15,7 +15,8 @@
 //! delivery it accepts goes into the session's backlog, which a [`Flusher`] polled by the
 //! actor's own context writes after the handlers of each pass, all of the pass's frames in one
 //! vectored write, and again whenever the socket takes more. No other task writes. The same
-//! `Flusher` takes the deliveries from the session's delivery queue, right before it writes
+//! `Flusher` takes the deliveries from the session's inbox (filled by the hub of its worker
+//! thread, on the same thread, see `hub`), right before it writes
 //! (not a stream of the context of its own: one thing less to poll at each wake of each of
 //! 10,000 sessions in a fan-out). When frames held back by a full socket reach
 //! `outbound_queue` the client is not reading fast enough and the session is closed with 1013;
@@ -56,6 +57,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::frames::{
     self, ClientFrame, Empty, ErrorData, FrameError, SendMessage, parse_client_frame, server_frame,
 };
+use crate::hub::{Inbox, LocalHub};
 use crate::registry::{SessionHandle, Signals};
 use crate::shared::{ClosingSocket, Shared};
 use crate::stats::{
@@ -154,10 +156,11 @@ pub(crate) struct Session {
     upstream: Option<mpsc::Sender<Arc<UpstreamMessage>>>,
     /// Starts a publisher task for this session.
     start_publisher: StartPublisher,
-    /// The delivery queue's sender, handed to the registry in `started`.
-    deliveries: Option<mpsc::Sender<Arc<Delivery>>>,
-    /// The delivery queue, emptied by the [`Flusher`] before each write.
-    inbox: mpsc::Receiver<Arc<Delivery>>,
+    /// Deliveries, queued by the hub of this worker thread and emptied by the [`Flusher`]
+    /// before each write (at most `outbound_queue` + `hub::JOBS_PER_PASS`).
+    inbox: Rc<Inbox>,
+    /// That hub and this session's slot in it, from `started` to `stopped`.
+    hub: Option<(Rc<LocalHub>, u32)>,
     /// How long the `101` may wait for this user's presence report (zero: not at all).
     presence_wait: Duration,
     abuse_count: u32,
@@ -206,7 +209,6 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
         trace_id,
     } = params;
     let queue = shared.settings.outbound_queue.max(1);
-    let (deliver_tx, deliver_rx) = mpsc::channel::<Arc<Delivery>>(queue);
     let id: Arc<str> = shared.next_session_id().into();
     let span =
         tracing::info_span!("ws", session_id = %id, user_id = %user_id, trace_id = %trace_id);
@@ -215,18 +217,22 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
     let presence_wait = shared.settings.presence_wait;
     Session::create(move |ctx| {
         ctx.add_stream(stream);
+        let signals = Arc::new(Signals::new(last_seen));
         Session {
             id,
             user_id: user_id.into(),
             shared,
             ws: Some(ws),
             backlog: VecDeque::new(),
-            signals: Arc::new(Signals::new(last_seen)),
+            inbox: Rc::new(Inbox::new(
+                queue + crate::hub::JOBS_PER_PASS,
+                Arc::clone(&signals),
+            )),
+            hub: None,
+            signals,
             flush_waker: None,
             upstream: None,
             start_publisher,
-            deliveries: Some(deliver_tx),
-            inbox: deliver_rx,
             presence_wait,
             abuse_count: 0,
             abuse_since: Instant::now(),
@@ -243,14 +249,17 @@ impl Actor for Session {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         let _g = self.span.clone().entered();
-        if let Some(deliveries) = self.deliveries.take() {
+        if self.hub.is_none() {
+            let hub = LocalHub::current(&self.shared.registry);
+            let slot = hub.insert(Arc::clone(&self.id), Rc::clone(&self.inbox));
             let handle = SessionHandle::new(
                 Arc::clone(&self.id),
                 Arc::clone(&self.user_id),
-                deliveries,
+                (hub.port(), slot),
                 Arc::clone(&self.signals),
                 ctx.address(),
             );
+            self.hub = Some((hub, slot));
             let sessions = self.shared.registry.insert(handle);
             self.shared
                 .stats
@@ -289,6 +298,10 @@ impl Actor for Session {
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         let _g = self.span.clone().entered();
         let (before, after) = self.shared.registry.remove(&self.user_id, &self.id);
+        if let Some((hub, slot)) = self.hub.take() {
+            hub.remove(slot);
+        }
+        self.inbox.close();
         self.shared.stats.user_sessions_changed(before, after);
         let last = before > 0 && after == 0;
         self.shared.presence.mark(&self.user_id);
@@ -347,7 +360,7 @@ impl Session {
                 // waited, as far as the backlog's bound allows (the client resyncs the rest).
                 let limit = self.shared.settings.outbound_queue.max(1);
                 while self.backlog.len() < limit {
-                    let Ok(delivery) = self.inbox.try_recv() else {
+                    let Some(delivery) = self.inbox.take() else {
                         break;
                     };
                     if self.fresh(&delivery) {
@@ -364,6 +377,7 @@ impl Session {
         }
         self.backlog.clear();
         self.signals.backlog.store(0, Ordering::Relaxed);
+        self.inbox.close();
         ctx.stop();
     }
 
@@ -440,15 +454,28 @@ impl Session {
     /// context after its handlers, so every frame queued in one pass of the actor goes out in
     /// one system call.
     fn flush(&mut self, ctx: &mut Context<Self>, task: &mut std::task::Context<'_>) -> Poll<()> {
-        // The deliveries offered since the last poll (the queue's wake-up is this context's).
-        // Not timed: a delivery is a queue push (well under the histogram's first bucket), and
+        // A delivery found the inbox full: the client does not keep up.
+        if self.inbox.overflowed() && !self.closing {
+            self.close(
+                ctx,
+                CloseCode::Again,
+                "client too slow: delivery queue full",
+                Some(CloseCause::Slow),
+                false,
+            );
+            return Poll::Ready(());
+        }
+        // The deliveries offered since the last poll (the inbox wakes this context). Not
+        // timed: a delivery is a queue push (well under the histogram's first bucket), and
         // two clock reads and a histogram sample per delivery were a tenth of the world room
         // fan-out's CPU outside the socket writes. Its waiting shows in the outbound depth.
         while !self.closing {
-            match self.inbox.poll_recv(task) {
-                Poll::Ready(Some(delivery)) => self.deliver(ctx, delivery),
-                // Closed once the registry dropped the session: nothing more comes.
-                Poll::Ready(None) | Poll::Pending => break,
+            match self.inbox.take() {
+                Some(delivery) => self.deliver(ctx, delivery),
+                None => {
+                    self.inbox.wake_with(task.waker());
+                    break;
+                }
             }
         }
         loop {
