@@ -19,9 +19,11 @@
 //! session's inbox is first in, first out, so every delivery to a session (new messages, acks,
 //! errors, presence) arrives in the order of the records, whatever its kind.
 //!
-//! Bounds: a session's inbox holds at most `outbound_queue` + [`JOBS_PER_PASS`] deliveries (a
-//! hub runs that many jobs before the sessions of its thread run again); one that is full closes
-//! the session as too slow (1013), as before. A hub's job queue is bounded too ([`JOBS`]): when a
+//! Bounds: a session's inbox holds at most `outbound_queue` deliveries; one that is full closes
+//! the session as too slow (1013), as before. A hub does not yield to the sessions after each
+//! batch of jobs: tried (`tokio::task::yield_now`), a world-room message's median latency
+//! doubled (docs/benchmarks.md, fourteenth session); tokio's cooperative budget bounds a hub's
+//! turn. A hub's job queue is bounded too ([`JOBS`]): when a
 //! worker thread is so busy that it fills, the consumer waits for room (the bus holds the rest),
 //! so a busy thread slows the records down rather than dropping them or growing without bound.
 
@@ -40,10 +42,8 @@ use crate::session::Delivery;
 /// Jobs a worker's hub queues before the consumer waits for it.
 pub(crate) const JOBS: usize = 8_192;
 
-/// Jobs a hub runs in one pass; then it lets the sessions of its thread run. A session's inbox
-/// holds this many deliveries more than `outbound_queue`, so one pass cannot fill it while the
-/// session had no chance to take them.
-pub(crate) const JOBS_PER_PASS: usize = 64;
+/// Jobs a hub takes from its queue at once.
+const JOBS_PER_PASS: usize = 64;
 
 /// One delivery for some or all sessions of one worker.
 #[derive(Debug)]
@@ -282,8 +282,6 @@ async fn run(hub: Rc<LocalHub>, mut jobs: mpsc::Receiver<Job>) {
         for job in batch.drain(..) {
             hub.run(job);
         }
-        // The sessions woken by this pass run before the next one.
-        tokio::task::yield_now().await;
     }
     HUBS.with_borrow_mut(|hubs| hubs.retain(|h| !Rc::ptr_eq(h, &hub)));
 }

@@ -157,7 +157,7 @@ pub(crate) struct Session {
     /// Starts a publisher task for this session.
     start_publisher: StartPublisher,
     /// Deliveries, queued by the hub of this worker thread and emptied by the [`Flusher`]
-    /// before each write (at most `outbound_queue` + `hub::JOBS_PER_PASS`).
+    /// before each write (at most `outbound_queue`).
     inbox: Rc<Inbox>,
     /// That hub and this session's slot in it, from `started` to `stopped`.
     hub: Option<(Rc<LocalHub>, u32)>,
@@ -224,10 +224,7 @@ pub(crate) fn start(params: SessionStart) -> Addr<Session> {
             shared,
             ws: Some(ws),
             backlog: VecDeque::new(),
-            inbox: Rc::new(Inbox::new(
-                queue + crate::hub::JOBS_PER_PASS,
-                Arc::clone(&signals),
-            )),
+            inbox: Rc::new(Inbox::new(queue, Arc::clone(&signals))),
             hub: None,
             signals,
             flush_waker: None,
