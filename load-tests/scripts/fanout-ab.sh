@@ -8,7 +8,7 @@
 # holding `gochat` and `gochat-load`, optionally followed by server settings joined with `+`.
 # Each run is `fanout --members MEMBERS --rate RATE --duration 20` (MEMBERS 10000 and RATE 30
 # unless set) on a fresh server (bench-run.sh). Prints deliveries/s, the publish -> recipient
-# latencies (p50 p95 p99 max, ms) and the server's CPU time.
+# latencies (p50 p95 p99 max, ms), the server's CPU time and the generator's (user + system).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 rounds=$1
@@ -27,9 +27,11 @@ for _ in $(seq 1 "$rounds"); do
         lat=$(grep -E '^publish -> recipient' <<< "$out" | tr -s ' ' | cut -d' ' -f4-)
         got=$(grep -E '^deliveries received' <<< "$out" | tr -s ' ' | cut -d' ' -f5-)
         cpu=$(awk '/server CPU/ {print $3}' <<< "$out")
+        gen=$(awk '/^(user|sys)\t/ {split($2, t, "m"); s += t[1] * 60 + t[2]} END {printf "%.2f", s}' \
+            <<< "$out")
         checks=$(grep -E '^seq (gaps|duplicates|reordered)' <<< "$out" | awk '{print $3}' \
             | tr '\n' ' ')
-        echo "$(date +%H:%M) $v deliveries/s=${rate_line} received=${got} cpu=${cpu}s" \
+        echo "$(date +%H:%M) $v deliveries/s=${rate_line} received=${got} cpu=${cpu}s generator=${gen}s" \
             "gaps/dups/reord=${checks}recipient: $lat"
     done
 done
