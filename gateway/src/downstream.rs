@@ -96,10 +96,10 @@ async fn pause(cancel: &CancellationToken) -> bool {
 
 /// Delivers one record to the local sessions it targets.
 pub(crate) async fn dispatch(shared: &Shared, record: &Record) {
-    shared.stats.downstream_record();
     let msg = match record.payload.decode::<DownstreamMessage>() {
         Ok(m) => m,
         Err(e) => {
+            shared.stats.downstream_record();
             shared.stats.downstream_malformed();
             tracing::warn!(topic = %record.topic, partition = record.partition,
                 offset = record.offset, cause = %e, "downstream: malformed record skipped");
@@ -108,6 +108,8 @@ pub(crate) async fn dispatch(shared: &Shared, record: &Record) {
     };
     let span = tracing::debug_span!("downstream", trace_id = %msg.trace_id, kind = ?msg.kind);
     deliver(shared, &msg).instrument(span).await;
+    // Counted once handed to the hubs (tests wait on it before they look at sessions).
+    shared.stats.downstream_record();
 }
 
 /// Delivers one downstream message to the local sessions it targets.

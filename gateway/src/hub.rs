@@ -177,6 +177,8 @@ pub(crate) struct LocalHub {
     free: RefCell<Vec<u32>>,
     /// Which gateway's (its registry's [`Registry::id`]).
     registry: u64,
+    /// Its job queue, read by its task and by [`LocalHub::run_queued`].
+    jobs: RefCell<mpsc::Receiver<Job>>,
 }
 
 impl std::fmt::Debug for LocalHub {
@@ -208,9 +210,10 @@ impl LocalHub {
             entries: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             registry: id,
+            jobs: RefCell::new(rx),
         });
         HUBS.with_borrow_mut(|hubs| hubs.push(Rc::clone(&hub)));
-        actix_rt::spawn(run(Rc::clone(&hub), rx));
+        actix_rt::spawn(run(Rc::clone(&hub)));
         hub
     }
 
@@ -238,6 +241,19 @@ impl LocalHub {
             && entry.take().is_some()
         {
             self.free.borrow_mut().push(slot);
+        }
+    }
+
+    /// Runs the jobs queued now, without waiting for the hub's task: a session that closes
+    /// with its deliveries flushed first calls this, so every record dispatched before its
+    /// close reaches it (the job may still wait here when the close request comes).
+    pub fn run_queued(&self) {
+        loop {
+            let job = self.jobs.borrow_mut().try_recv();
+            match job {
+                Ok(job) => self.run(job),
+                Err(_) => break,
+            }
         }
     }
 
@@ -276,9 +292,19 @@ impl LocalHub {
 }
 
 /// A hub's task: runs its jobs until the gateway is gone (every sender dropped).
-async fn run(hub: Rc<LocalHub>, mut jobs: mpsc::Receiver<Job>) {
+async fn run(hub: Rc<LocalHub>) {
     let mut batch = Vec::with_capacity(JOBS_PER_PASS);
-    while jobs.recv_many(&mut batch, JOBS_PER_PASS).await > 0 {
+    loop {
+        // The queue is borrowed only while polled: `run_queued` may take jobs between polls.
+        let taken = std::future::poll_fn(|cx| {
+            hub.jobs
+                .borrow_mut()
+                .poll_recv_many(cx, &mut batch, JOBS_PER_PASS)
+        })
+        .await;
+        if taken == 0 {
+            break;
+        }
         for job in batch.drain(..) {
             hub.run(job);
         }
@@ -399,6 +425,31 @@ mod tests {
                 "another `c` than the one in the slot"
             );
             assert_eq!(hub.len(), 3);
+        });
+    }
+
+    #[test]
+    fn run_queued_delivers_what_the_hub_task_has_not_taken_yet() {
+        let registry = Registry::default();
+        let system = actix_rt::System::new();
+        system.block_on(async {
+            let hub = LocalHub::current(&registry);
+            let inbox = Rc::new(Inbox::new(8, Arc::new(Signals::new(0))));
+            hub.insert("s".into(), Rc::clone(&inbox));
+            for text in ["1", "2"] {
+                let job = Job {
+                    delivery: delivery(text),
+                    targets: Targets::All { exclude: None },
+                };
+                // Sent without yielding: the hub's task cannot have run them.
+                registry.send(hub.port(), job).await;
+            }
+            assert!(inbox.take().is_none());
+            hub.run_queued();
+            assert_eq!(texts(&inbox), ["1", "2"]);
+            // Nothing is left for the task to deliver twice.
+            tokio::task::yield_now().await;
+            assert!(inbox.take().is_none());
         });
     }
 

@@ -354,7 +354,11 @@ impl Session {
         if let Some(ws) = self.ws.take() {
             let backlog = if drain {
                 // What the downstream consumer already offered goes out too, behind what
-                // waited, as far as the backlog's bound allows (the client resyncs the rest).
+                // waited, as far as the backlog's bound allows (the client resyncs the rest):
+                // also what still waits in the hub's queue.
+                if let Some((hub, _)) = &self.hub {
+                    hub.run_queued();
+                }
                 let limit = self.shared.settings.outbound_queue.max(1);
                 while self.backlog.len() < limit {
                     let Some(delivery) = self.inbox.take() else {
