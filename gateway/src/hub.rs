@@ -23,9 +23,9 @@
 //! the session as too slow (1013), as before. A hub does not yield to the sessions after each
 //! batch of jobs: tried (`tokio::task::yield_now`), a world-room message's median latency
 //! doubled (docs/benchmarks.md, fourteenth session); tokio's cooperative budget bounds a hub's
-//! turn. A hub's job queue is bounded too ([`JOBS`]): when a
-//! worker thread is so busy that it fills, the consumer waits for room (the bus holds the rest),
-//! so a busy thread slows the records down rather than dropping them or growing without bound.
+//! turn. A hub's job queue is bounded too ([`JOBS`]): when a worker thread is so busy that it
+//! fills, the consumer waits for room (the bus holds the rest), so a busy thread slows the
+//! records down rather than dropping them or growing without bound.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -40,7 +40,7 @@ use crate::registry::{Registry, Signals};
 use crate::session::Delivery;
 
 /// Jobs a worker's hub queues before the consumer waits for it.
-pub(crate) const JOBS: usize = 8_192;
+const JOBS: usize = 8_192;
 
 /// Jobs a hub takes from its queue at once.
 const JOBS_PER_PASS: usize = 64;
@@ -63,7 +63,7 @@ pub(crate) enum Targets {
     All { exclude: Option<Arc<str>> },
     /// These sessions, by hub slot and id (a slot freed and taken by a later session meanwhile
     /// does not get the earlier one's delivery).
-    Some(Vec<Target>),
+    Sessions(Vec<Target>),
 }
 
 /// A session's deliveries, written by its worker's hub and read by the session's flusher, both
@@ -278,7 +278,7 @@ impl LocalHub {
                     }
                 }
             }
-            Targets::Some(sessions) => {
+            Targets::Sessions(sessions) => {
                 for (slot, id) in sessions {
                     if let Some(Some(entry)) = entries.get(slot as usize)
                         && Arc::ptr_eq(&entry.id, &id)
@@ -322,6 +322,14 @@ mod tests {
             text: text.to_owned().into(),
             seq: None,
         })
+    }
+
+    /// A job for every session of a hub but `exclude`.
+    fn to_all(text: &str, exclude: Option<Arc<str>>) -> Job {
+        Job {
+            delivery: delivery(text),
+            targets: Targets::All { exclude },
+        }
     }
 
     fn texts(inbox: &Inbox) -> Vec<String> {
@@ -396,13 +404,9 @@ mod tests {
             let (_, c_in, c_slot) = session("c");
             assert_eq!(hub.len(), 3);
 
-            let all = |text, exclude| Job {
-                delivery: delivery(text),
-                targets: Targets::All { exclude },
-            };
-            hub.run(all("1", Some(Arc::clone(&b))));
+            hub.run(to_all("1", Some(Arc::clone(&b))));
             // An id of the same text but another address is not the excluded session.
-            hub.run(all("2", Some("a".into())));
+            hub.run(to_all("2", Some("a".into())));
             assert_eq!(texts(&a_in), ["1", "2"]);
             assert_eq!(texts(&b_in), ["2"]);
             assert_eq!(texts(&c_in), ["1", "2"]);
@@ -413,11 +417,11 @@ mod tests {
             assert_eq!(d_slot, a_slot, "a free slot is taken again");
             hub.run(Job {
                 delivery: delivery("3"),
-                targets: Targets::Some(vec![(a_slot, a), (c_slot, Arc::from("c"))]),
+                targets: Targets::Sessions(vec![(a_slot, a), (c_slot, Arc::from("c"))]),
             });
             hub.run(Job {
                 delivery: delivery("4"),
-                targets: Targets::Some(vec![(d_slot, d), (99, Arc::from("nobody"))]),
+                targets: Targets::Sessions(vec![(d_slot, d), (99, Arc::from("nobody"))]),
             });
             assert_eq!(texts(&d_in), ["4"]);
             assert!(
@@ -437,12 +441,8 @@ mod tests {
             let inbox = Rc::new(Inbox::new(8, Arc::new(Signals::new(0))));
             hub.insert("s".into(), Rc::clone(&inbox));
             for text in ["1", "2"] {
-                let job = Job {
-                    delivery: delivery(text),
-                    targets: Targets::All { exclude: None },
-                };
                 // Sent without yielding: the hub's task cannot have run them.
-                registry.send(hub.port(), job).await;
+                registry.send(hub.port(), to_all(text, None)).await;
             }
             assert!(inbox.take().is_none());
             hub.run_queued();
@@ -462,11 +462,9 @@ mod tests {
             let inbox = Rc::new(Inbox::new(64, Arc::new(Signals::new(0))));
             hub.insert("s".into(), Rc::clone(&inbox));
             for i in 0..40 {
-                let job = Job {
-                    delivery: delivery(&i.to_string()),
-                    targets: Targets::All { exclude: None },
-                };
-                registry.send(hub.port(), job).await;
+                registry
+                    .send(hub.port(), to_all(&i.to_string(), None))
+                    .await;
             }
             while inbox.queue.borrow().len() < 40 {
                 tokio::task::yield_now().await;

@@ -201,17 +201,18 @@ impl Registry {
     /// Hands `job` to the hub `port`, waiting while its queue is full (its worker thread is
     /// behind). A hub that is gone (its worker stopped) is skipped.
     pub async fn send(&self, port: u32, job: Job) {
-        let jobs = {
+        let (jobs, job) = {
             let ports = self.ports.read().unwrap_or_else(PoisonError::into_inner);
             let Some(jobs) = ports.get(port as usize) else {
                 return;
             };
             match jobs.try_send(job) {
                 Ok(()) | Err(TrySendError::Closed(_)) => return,
+                // Wait outside the lock, on a sender of our own.
                 Err(TrySendError::Full(job)) => (jobs.clone(), job),
             }
         };
-        let (jobs, job) = jobs;
+        // An error is a hub that went away meanwhile: skipped, as above.
         let _ = jobs.send(job).await;
     }
 
@@ -233,7 +234,7 @@ impl Registry {
         for (port, sessions) in targets.hubs {
             let job = Job {
                 delivery: Arc::clone(delivery),
-                targets: Targets::Some(sessions),
+                targets: Targets::Sessions(sessions),
             };
             self.send(port, job).await;
         }
