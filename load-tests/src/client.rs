@@ -204,21 +204,65 @@ pub async fn connect_many(
     timeout: Duration,
     counters: &Arc<Counters>,
 ) -> Vec<(Result<Ws, ConnectError>, Duration)> {
-    let permits = Arc::new(Semaphore::new(inflight.max(1)));
+    let plan = ConnectPlan {
+        first_source,
+        rate,
+        inflight,
+        timeout,
+    };
+    connect_many_with(target, tokens, plan, counters, |target, source, token, timeout| async move {
+        connect(&target, source, &token, timeout).await
+    })
+    .await
+}
+
+/// How [`connect_many_with`] paces its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectPlan {
+    /// Connection `j` comes from source slot `first_source + j`.
+    pub first_source: usize,
+    /// New connections per second.
+    pub rate: f64,
+    /// At most this many under way at once.
+    pub inflight: usize,
+    /// Connect + upgrade timeout per connection.
+    pub timeout: Duration,
+}
+
+/// [`connect_many`] with another kind of connection: `open(target, source, token, timeout)`
+/// makes one (e.g. [`crate::rawws::RawWs::connect`]).
+pub async fn connect_many_with<C, F, Fut>(
+    target: &Target,
+    tokens: Vec<String>,
+    plan: ConnectPlan,
+    counters: &Arc<Counters>,
+    open: F,
+) -> Vec<(Result<C, ConnectError>, Duration)>
+where
+    C: Send + 'static,
+    F: Fn(Target, Option<IpAddr>, String, Duration) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<C, ConnectError>> + Send,
+{
+    let permits = Arc::new(Semaphore::new(plan.inflight.max(1)));
     let start = tokio::time::Instant::now();
-    let rate = rate.max(0.001);
+    let rate = plan.rate.max(0.001);
     let handles: Vec<_> = tokens
         .into_iter()
         .enumerate()
         .map(|(j, token)| {
             let at = start + Duration::from_secs_f64(j as f64 / rate);
-            let (target, permits, counters) =
-                (target.clone(), Arc::clone(&permits), Arc::clone(counters));
+            let (target, permits, counters, open) = (
+                target.clone(),
+                Arc::clone(&permits),
+                Arc::clone(counters),
+                open.clone(),
+            );
             tokio::spawn(async move {
                 tokio::time::sleep_until(at).await;
                 let _permit = permits.acquire_owned().await;
                 let began = Instant::now();
-                let r = connect(&target, target.source(first_source + j), &token, timeout).await;
+                let source = target.source(plan.first_source + j);
+                let r = open(target, source, token, plan.timeout).await;
                 match &r {
                     Ok(_) => inc(&counters.connected),
                     Err(_) => inc(&counters.failed),

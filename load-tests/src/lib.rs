@@ -26,6 +26,7 @@ pub mod fanout;
 pub mod guard;
 pub mod procfs;
 pub mod progress;
+pub mod rawws;
 pub mod repo_bench;
 pub mod report;
 pub mod seqcheck;
