@@ -26,8 +26,10 @@ for _ in $(seq 1 "$rounds"); do
         e2e=$(grep -E '^e2e' <<< "$out" | tr -s ' ' | cut -d' ' -f4-13)
         cpu=$(awk '/server CPU/ {print $3}' <<< "$out")
         drained=$(awk '/^drained/ {print $2}' <<< "$out")
+        gen=$(awk '/^(user|sys)\t/ {split($2, t, "m"); s += t[1] * 60 + t[2]} END {printf "%.2f", s}' \
+            <<< "$out")
         checks=$(grep -E '^seq (gaps|duplicates)' <<< "$out" | awk '{print $3}' | tr '\n' ' ')
-        echo "$(date +%H:%M) $v rate=$rate stored=$stored cpu=${cpu}s drained=$drained" \
+        echo "$(date +%H:%M) $v rate=$rate stored=$stored cpu=${cpu}s generator=${gen}s drained=$drained" \
             "gaps/dups=${checks}e2e: $e2e"
         grep -h 'op="sqlite_commit_wait"' "$work/metrics.txt" | grep -E '_(sum|count)' | tr '\n' ' '
         echo

@@ -18,11 +18,11 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::{self, Http, Ws, now_micros};
+use crate::client::{self, ConnectPlan, Http, now_micros};
 use crate::guard::Target;
 use crate::progress::{Counters, dec, inc};
+use crate::rawws::{Frame, RawWs};
 use crate::report::{Latency, Recorder, per_sec};
 use crate::seqcheck::{SeqStream, SeqTally};
 use crate::users::User;
@@ -339,16 +339,20 @@ pub async fn run(
         ..TrafficResult::default()
     };
 
-    // Connect.
+    // Connect (on the lean client WebSocket, `rawws`: the generator shares the server's cores).
     let tokens = users.iter().map(|u| u.token.clone()).collect();
-    let connected = client::connect_many(
+    let connect = ConnectPlan {
+        first_source: plan.first_source,
+        rate: plan.connect_rate,
+        inflight: 512,
+        timeout: plan.connect_timeout,
+    };
+    let connected = client::connect_many_with(
         target,
         tokens,
-        plan.first_source,
-        plan.connect_rate,
-        512,
-        plan.connect_timeout,
+        connect,
         &counters,
+        |target, source, token, t| async move { RawWs::connect(&target, source, &token, t).await },
     )
     .await;
     let connect_hist = Recorder::default();
@@ -489,7 +493,7 @@ struct Me {
 /// One connection: sends on schedule while the phase is `Sending`, reads always, closes at
 /// `Closing`.
 async fn user_task(
-    mut ws: Ws,
+    mut ws: RawWs,
     me: Me,
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
@@ -518,22 +522,15 @@ async fn user_task(
                     _ => {}
                 }
             }
-            frame = ws.next(), if alive => match frame {
-                Some(Ok(Message::Text(text))) => {
-                    on_frame(&text, &me, &shared, &mut stream, &mut own_max);
-                }
-                Some(Ok(Message::Close(cf))) => {
-                    let code = cf.map(|f| u16::from(f.code)).unwrap_or(1005);
-                    tally(&shared.lost, format!("closed by server ({code})"));
-                    alive = false;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    tally(&shared.lost, format!("read error: {}", short(&e.to_string())));
-                    alive = false;
-                }
-                None => {
-                    tally(&shared.lost, "connection ended".to_owned());
+            read = ws.read_frames(|frame| match frame {
+                Frame::Text(text) => on_frame(text, &me, &shared, &mut stream, &mut own_max),
+                Frame::Binary(_) => tally(&shared.errors, "binary frame".to_owned()),
+                Frame::Close(code) => tally(&shared.lost, format!("closed by server ({code})")),
+            }), if alive => match read {
+                // A close frame was tallied as it came.
+                Ok(()) => alive = !ws.close_received(),
+                Err(e) => {
+                    tally(&shared.lost, format!("connection broke ({})", e.cause()));
                     alive = false;
                 }
             },
@@ -542,7 +539,7 @@ async fn user_task(
                 let content = format!("{}:{}:{n}:{now}", shared.tag, me.position);
                 let cmid = format!("{}.{n}.{now}", shared.tag);
                 let frame = client::send_message(&me.conversation_id, &content, &cmid);
-                if let Err(e) = client::send_text(&mut ws, frame).await {
+                if let Err(e) = ws.send_text(&frame).await {
                     tally(&shared.lost, format!("write error: {}", short(&e.to_string())));
                     alive = false;
                 } else {
@@ -552,14 +549,14 @@ async fn user_task(
                 next_send += me.period;
             }
             _ = ping.tick(), if alive => {
-                if client::send_text(&mut ws, client::PING.to_owned()).await.is_err() {
+                if ws.send_text(client::PING).await.is_err() {
                     alive = false;
                 }
             }
         }
     }
     if alive {
-        client::close(&mut ws, Duration::from_secs(5)).await;
+        ws.close(Duration::from_secs(5)).await;
     }
     dec(&shared.counters.connected);
     UserEnd {
