@@ -14,7 +14,8 @@
 //! - [`churn`]: steady connects and disconnects beside seq-checked chat traffic.
 //!
 //! Data flows the same way in each: [`guard`] checks the target is loopback (unless allowed),
-//! [`users`] makes or reuses the users, [`client`] opens the connections and speaks the frames,
+//! [`users`] makes or reuses the users, [`client`] opens the connections and speaks the frames
+//! (the connections that read most through [`rawws`], a lean client WebSocket),
 //! the scenario's connection tasks record into [`report`] histograms and [`progress`] counters,
 //! and the scenario folds it all into its outcome. [`repo_bench`] is the data-layer benchmark,
 //! which runs the repo service in-process instead.
