@@ -153,6 +153,30 @@ fn ws_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
+/// A TCP connection to `target` from `source` (any local address when `None`), without Nagle's
+/// delay.
+pub async fn tcp_connect(
+    target: &Target,
+    source: Option<IpAddr>,
+) -> Result<TcpStream, ConnectError> {
+    let socket = match target.addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(ConnectError::Tcp)?;
+    if let Some(ip) = source {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .map_err(|e| ConnectError::Bind(ip, e))?;
+    }
+    let stream = socket
+        .connect(target.addr)
+        .await
+        .map_err(ConnectError::Tcp)?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
 /// Opens an authenticated WebSocket to `target` from `source` (any local address when `None`):
 /// TCP connect, then the HTTP upgrade with `?token=`, within `timeout`.
 pub async fn connect(
@@ -162,21 +186,7 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<Ws, ConnectError> {
     let attempt = async {
-        let socket = match target.addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4(),
-            SocketAddr::V6(_) => TcpSocket::new_v6(),
-        }
-        .map_err(ConnectError::Tcp)?;
-        if let Some(ip) = source {
-            socket
-                .bind(SocketAddr::new(ip, 0))
-                .map_err(|e| ConnectError::Bind(ip, e))?;
-        }
-        let stream = socket
-            .connect(target.addr)
-            .await
-            .map_err(ConnectError::Tcp)?;
-        let _ = stream.set_nodelay(true);
+        let stream = tcp_connect(target, source).await?;
         let url = target.ws_url(token);
         match tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config())).await {
             Ok((ws, _response)) => Ok(ws),

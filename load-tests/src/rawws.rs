@@ -13,16 +13,16 @@
 //! sends are masked with a random key, as RFC 6455 requires.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use sha1::{Digest, Sha1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
-use crate::client::ConnectError;
+use crate::client::{ConnectError, tcp_connect};
 use crate::guard::Target;
 
 /// The read buffer's size while frames are small (a `new-message` is about 300 bytes).
@@ -234,21 +234,7 @@ impl RawWs {
         source: Option<IpAddr>,
         token: &str,
     ) -> Result<Self, ConnectError> {
-        let socket = match target.addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4(),
-            SocketAddr::V6(_) => TcpSocket::new_v6(),
-        }
-        .map_err(ConnectError::Tcp)?;
-        if let Some(ip) = source {
-            socket
-                .bind(SocketAddr::new(ip, 0))
-                .map_err(|e| ConnectError::Bind(ip, e))?;
-        }
-        let mut stream = socket
-            .connect(target.addr)
-            .await
-            .map_err(ConnectError::Tcp)?;
-        let _ = stream.set_nodelay(true);
+        let mut stream = tcp_connect(target, source).await?;
         let key = BASE64.encode(rand::random::<[u8; 16]>());
         let request = format!(
             "GET /ws?token={token} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
