@@ -1025,13 +1025,18 @@ macro_rules! impl_sql_store {
                     .load(&mut *conn)
                     .await
                     .map_err($crate::store::sql::classify)?;
-                let total: i64 = group_members::table
-                    .filter(group_members::group_id.eq(group))
-                    .count()
-                    .get_result(&mut *conn)
+                // The group's own count (kept right by every change of its members, in the
+                // same transaction): one row by key, where a COUNT read the whole group's index
+                // for each page, and the task service reads every page of a large group for each
+                // of its messages.
+                let total: Option<i32> = $crate::schema::groups::table
+                    .find(group)
+                    .select($crate::schema::groups::member_count)
+                    .first(&mut *conn)
                     .await
+                    .optional()
                     .map_err($crate::store::sql::classify)?;
-                Ok((rows, total))
+                Ok((rows, i64::from(total.unwrap_or(0))))
             }
 
             async fn group_member(
