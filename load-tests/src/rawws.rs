@@ -1,7 +1,8 @@
-//! A lean client WebSocket for connections that mostly read: the fan-out scenario's members,
-//! 10,000 of them reading 300,000 frames a second on the same two cores as the server.
+//! A lean client WebSocket for connections that mostly read: the fan-out scenario's members
+//! (10,000 of them reading 300,000 frames a second on the same two cores as the server) and the
+//! chat and churn users.
 //!
-//! `tokio-tungstenite` serves every other connection of the generator. For a reader it costs
+//! `tokio-tungstenite` serves the generator's other connections. For a reader it costs
 //! more than the frames do: each frame is read through its waker proxies and sync adapter,
 //! copied into a message of its own, and handed up a `Stream`. Here a connection is a socket
 //! and one buffer: [`RawWs::read_frames`] waits until the socket is readable, reads what it
@@ -11,6 +12,11 @@
 //! no reserved bits, control frames short and whole, text valid UTF-8, fragments in order), and
 //! close frames (their code is reported). Pings are answered with pongs. Frames the client
 //! sends are masked with a random key, as RFC 6455 requires.
+//!
+//! The scenarios `select!` over a read and their timers, so a read may be dropped at any await.
+//! Nothing is lost or split then: frames handed out are past the buffer's start, a socket read
+//! is cancel-safe, and what this side writes (pongs, close replies, sends) waits in one buffer
+//! that goes out one `write` call at a time, the next call going on where a dropped one stopped.
 
 use std::io;
 use std::net::IpAddr;
@@ -90,13 +96,11 @@ pub struct RawWs {
     end: usize,
     /// A fragmented message being joined: its opcode and the payload so far.
     partial: Option<(u8, Vec<u8>)>,
-    /// Payloads of pings read, for pongs to be sent after the read.
-    pings: Vec<Vec<u8>>,
+    /// Frames for the server not written yet (see the module docs).
+    out: Vec<u8>,
     /// A close frame was read.
     closed: bool,
-    /// The code to answer a close frame read with, until sent.
-    close_reply: Option<u16>,
-    /// This side sent its close frame (nothing may follow it).
+    /// This side queued its close frame (nothing may follow it).
     close_sent: bool,
 }
 
@@ -168,9 +172,9 @@ fn message(opcode: u8, payload: &[u8]) -> Result<Frame<'_>, ReadError> {
     }
 }
 
-/// `payload` as a client frame: FIN, `opcode`, masked with a random key.
-fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 14);
+/// Appends `payload` to `out` as a client frame: FIN, `opcode`, masked with a random key.
+fn put_client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.reserve(payload.len() + 14);
     out.push(0x80 | opcode);
     match payload.len() {
         n if n < 126 => out.push(0x80 | n as u8),
@@ -186,7 +190,6 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mask: [u8; 4] = rand::random();
     out.extend_from_slice(&mask);
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
 }
 
 /// The `Sec-WebSocket-Accept` a server must answer `key` with.
@@ -286,9 +289,8 @@ impl RawWs {
             start: 0,
             end: end - head_end,
             partial: None,
-            pings: Vec::new(),
+            out: Vec::new(),
             closed: false,
-            close_reply: None,
             close_sent: false,
         })
     }
@@ -301,6 +303,7 @@ impl RawWs {
         if self.closed {
             return Err(ReadError::Eof);
         }
+        self.flush().await?;
         while self.hand_out(&mut each)? == 0 {
             self.make_room()?;
             let n = self.stream.read(&mut self.buf[self.end..]).await?;
@@ -309,19 +312,23 @@ impl RawWs {
             }
             self.end += n;
         }
-        for payload in std::mem::take(&mut self.pings) {
-            self.stream
-                .write_all(&client_frame(OP_PONG, &payload))
-                .await?;
+        let flushed = self.flush().await;
+        // After the server's close frame its reply is best effort: the server may have dropped
+        // the connection already.
+        if !self.closed {
+            flushed?;
         }
-        if let Some(code) = self.close_reply.take()
-            && !std::mem::replace(&mut self.close_sent, true)
-        {
-            // Best effort: the server may have dropped the connection already.
-            let _ = self
-                .stream
-                .write_all(&client_frame(OP_CLOSE, &code.to_be_bytes()))
-                .await;
+        Ok(())
+    }
+
+    /// Writes what waits in `out`, one `write` call at a time (see the module docs).
+    async fn flush(&mut self) -> io::Result<()> {
+        while !self.out.is_empty() {
+            let n = self.stream.write(&self.out).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.out.drain(..n);
         }
         Ok(())
     }
@@ -391,11 +398,14 @@ impl RawWs {
                         [_] => return Err(ReadError::Protocol("a close frame of one byte")),
                     };
                     self.closed = true;
-                    // 1005 means "no code" and is never sent (RFC 6455 §7.4.1).
-                    self.close_reply = Some(if code == 1005 { 1000 } else { code });
+                    if !std::mem::replace(&mut self.close_sent, true) {
+                        // 1005 means "no code" and is never sent (RFC 6455 §7.4.1).
+                        let reply = if code == 1005 { 1000 } else { code };
+                        put_client_frame(&mut self.out, OP_CLOSE, &reply.to_be_bytes());
+                    }
                     each(Frame::Close(code));
                 }
-                OP_PING => self.pings.push(payload.to_vec()),
+                OP_PING => put_client_frame(&mut self.out, OP_PONG, payload),
                 OP_PONG => {}
                 _ => return Err(ReadError::Protocol("unknown opcode")),
             }
@@ -410,9 +420,8 @@ impl RawWs {
 
     /// Sends a text message (one frame, masked).
     pub async fn send_text(&mut self, text: &str) -> io::Result<()> {
-        self.stream
-            .write_all(&client_frame(OP_TEXT, text.as_bytes()))
-            .await
+        put_client_frame(&mut self.out, OP_TEXT, text.as_bytes());
+        self.flush().await
     }
 
     /// Sends a close frame (1000) and waits, at most `timeout`, for the server's. True when the
@@ -420,11 +429,13 @@ impl RawWs {
     pub async fn close(&mut self, timeout: Duration) -> bool {
         let closing = async {
             if self.closed {
+                // Our reply to the server's close, if a dropped read left it unwritten.
+                let _ = self.flush().await;
                 return true;
             }
             self.close_sent = true;
-            let frame = client_frame(OP_CLOSE, &1000u16.to_be_bytes());
-            if self.stream.write_all(&frame).await.is_err() {
+            put_client_frame(&mut self.out, OP_CLOSE, &1000u16.to_be_bytes());
+            if self.flush().await.is_err() {
                 return false;
             }
             loop {
@@ -480,7 +491,8 @@ mod tests {
     fn client_frames_are_masked() {
         for len in [0, 5, 125, 126, 300, 70_000] {
             let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-            let frame = client_frame(OP_TEXT, &payload);
+            let mut frame = Vec::new();
+            put_client_frame(&mut frame, OP_TEXT, &payload);
             assert_eq!(frame[0], 0x81);
             assert_ne!(frame[1] & 0x80, 0, "mask bit");
             let (size, n) = match frame[1] & 0x7F {
@@ -525,9 +537,8 @@ mod tests {
             start: 0,
             end: 0,
             partial: None,
-            pings: Vec::new(),
+            out: Vec::new(),
             closed: false,
-            close_reply: None,
             close_sent: false,
         };
         (ws, server.expect("accept").0)
@@ -584,6 +595,17 @@ mod tests {
         assert_eq!(pong[0], 0x80 | OP_PONG);
         assert_eq!(pong[1], 0x80 | 2);
         assert_eq!([pong[6] ^ pong[2], pong[7] ^ pong[3]], *b"hb");
+        // Then the server's close was answered with its code.
+        let mut close = [0u8; 8];
+        server
+            .read_exact(&mut close)
+            .await
+            .expect("the close reply");
+        assert_eq!(close[0], 0x80 | OP_CLOSE);
+        assert_eq!(
+            u16::from_be_bytes([close[6] ^ close[2], close[7] ^ close[3]]),
+            1001
+        );
     }
 
     #[tokio::test]
