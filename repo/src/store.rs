@@ -23,6 +23,16 @@ use crate::model::{
     UserChanges, UserConversation,
 };
 
+/// Where a page of a group's members starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberCursor {
+    /// After skipping this many members in join order.
+    Offset(i64),
+    /// After the membership row with this id (keyset paging: an index seek, where an offset
+    /// steps over every earlier member again, and unmoved by members joining or leaving).
+    After(i64),
+}
+
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -203,6 +213,14 @@ pub trait Store: Send + Sync + 'static {
         offset: i64,
         limit: i64,
     ) -> impl Future<Output = StoreResult<(Vec<GroupMember>, i64)>> + Send;
+    /// Up to `limit` members of a group in join order from `from`, each as (membership row id,
+    /// user id): the row id is what [`MemberCursor::After`] continues from.
+    fn member_ids_page(
+        &self,
+        group: i64,
+        from: MemberCursor,
+        limit: i64,
+    ) -> impl Future<Output = StoreResult<Vec<(i64, i64)>>> + Send;
     /// One membership.
     fn group_member(
         &self,
@@ -418,6 +436,14 @@ impl Store for AnyStore {
         limit: i64,
     ) -> StoreResult<(Vec<GroupMember>, i64)> {
         delegate!(self, s => s.group_members(group, offset, limit))
+    }
+    async fn member_ids_page(
+        &self,
+        group: i64,
+        from: MemberCursor,
+        limit: i64,
+    ) -> StoreResult<Vec<(i64, i64)>> {
+        delegate!(self, s => s.member_ids_page(group, from, limit))
     }
     async fn group_member(&self, group: i64, user: i64) -> StoreResult<Option<GroupMember>> {
         delegate!(self, s => s.group_member(group, user))

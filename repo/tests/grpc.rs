@@ -2331,6 +2331,7 @@ async fn many_users_presence_and_group_limit(t: Server) {
                 group_id,
                 offset,
                 limit,
+                page_token: String::new(),
             })
             .await
             .expect("GetMembersOnlineStatus")
@@ -2349,6 +2350,75 @@ async fn many_users_presence_and_group_limit(t: Server) {
     assert_eq!(rest.statuses.len(), 50);
     assert!(!rest.has_more);
     check(&rest.statuses, 200);
+
+    // By token: the same members in the same order; a page carries on after the last member
+    // read even when an earlier member leaves meanwhile (an offset would skip one).
+    let by_token = |token: &str, offset: i32, limit: i32| {
+        let mut g = t.groups();
+        let request = pb::GetMembersOnlineStatusRequest {
+            group_id: group.id.clone(),
+            offset,
+            limit,
+            page_token: token.to_owned(),
+        };
+        async move {
+            g.get_members_online_status(request)
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let t1 = by_token("", 0, 100).await.expect("first page");
+    assert_eq!(t1.statuses.len(), 100);
+    assert!(t1.has_more);
+    assert!(!t1.next_page_token.is_empty());
+    check(&t1.statuses, 0);
+    t.groups()
+        .remove_group_member(pb::RemoveGroupMemberRequest {
+            group_id: group.id.clone(),
+            user_id: members[10].to_string(),
+        })
+        .await
+        .expect("RemoveGroupMember");
+    let t2 = by_token(&t1.next_page_token, 0, 100)
+        .await
+        .expect("second page");
+    assert_eq!(t2.statuses.len(), 100);
+    assert!(t2.has_more);
+    check(&t2.statuses, 100);
+    let t3 = by_token(&t2.next_page_token, 0, 100)
+        .await
+        .expect("last page");
+    assert_eq!(t3.statuses.len(), 50);
+    assert!(!t3.has_more);
+    assert!(
+        t3.next_page_token.is_empty(),
+        "no token after the last page"
+    );
+    check(&t3.statuses, 200);
+    // An offset's page hands out a token too (member 10 is gone: 150 members are 0..=150).
+    let o = page(0, 150).await;
+    assert!(o.has_more);
+    let after = by_token(&o.next_page_token, 0, 200)
+        .await
+        .expect("the page after an offset's");
+    assert_eq!(after.statuses.len(), 99);
+    assert!(!after.has_more);
+    check(&after.statuses, 151);
+    for bad in ["abc", "0", "-5", " 1"] {
+        assert_code(by_token(bad, 0, 10).await, ErrorCode::InvalidParameter);
+    }
+    assert_code(
+        by_token(&t1.next_page_token, 5, 10).await,
+        ErrorCode::InvalidParameter,
+    );
+    t.groups()
+        .add_group_member(pb::AddGroupMemberRequest {
+            group_id: group.id.clone(),
+            user_ids: vec![members[10].to_string()],
+            role: 0,
+        })
+        .await
+        .expect("AddGroupMember back");
 
     // The group limit.
     let mut g = t.groups();

@@ -10,7 +10,7 @@ use common::{StoreKind, now_ms, with_store};
 use gochat_repo::model::{
     Direction, Group, Message, SaveOutcome, User, UserChanges, UserConversation, role,
 };
-use gochat_repo::store::{AnyStore, Store, StoreError};
+use gochat_repo::store::{AnyStore, MemberCursor, Store, StoreError};
 
 /// Instantiates each test for both engines, as `sqlite::<name>` and `mysql::<name>`.
 macro_rules! both_stores {
@@ -857,6 +857,47 @@ async fn group_members_paging(s: AnyStore) {
     let (page, total) = s.group_members(404, 0, 10).await.expect("unknown group");
     assert!(page.is_empty());
     assert_eq!(total, 0);
+
+    // Id pages: by offset, then on after the last row read, in the same order.
+    let users = |rows: &[(i64, i64)]| rows.iter().map(|r| r.1).collect::<Vec<_>>();
+    let first = s
+        .member_ids_page(3, MemberCursor::Offset(0), 3)
+        .await
+        .expect("first id page");
+    assert_eq!(users(&first), vec![50, 40, 35]);
+    assert!(first.windows(2).all(|w| w[0].0 < w[1].0), "row ids ascend");
+    let last_row = first.last().expect("a row").0;
+    // A member before the cursor leaving moves nothing after it.
+    s.remove_group_member(3, 40, 6).await.expect("remove");
+    let second = s
+        .member_ids_page(3, MemberCursor::After(last_row), 3)
+        .await
+        .expect("second id page");
+    assert_eq!(users(&second), vec![20, 45, 10]);
+    let third = s
+        .member_ids_page(3, MemberCursor::After(second[2].0), 3)
+        .await
+        .expect("third id page");
+    assert_eq!(users(&third), vec![25]);
+    let past = s
+        .member_ids_page(3, MemberCursor::After(third[0].0), 3)
+        .await
+        .expect("past the end");
+    assert!(past.is_empty());
+    assert_eq!(
+        users(
+            &s.member_ids_page(3, MemberCursor::Offset(2), 10)
+                .await
+                .expect("from an offset")
+        ),
+        vec![20, 45, 10, 25]
+    );
+    assert!(
+        s.member_ids_page(404, MemberCursor::After(0), 10)
+            .await
+            .expect("unknown group")
+            .is_empty()
+    );
 }
 
 async fn single_conversation_idempotent(s: AnyStore) {

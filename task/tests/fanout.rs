@@ -290,6 +290,18 @@ fn gateways_of(i: usize) -> Vec<&'static str> {
 
 #[actix_rt::test]
 async fn big_group_is_delivered_in_batches_per_gateway() {
+    big_group_delivery(true).await;
+}
+
+/// A repo from before page tokens (`next_page_token` never set) is paged by offset.
+#[actix_rt::test]
+async fn a_repo_without_page_tokens_is_paged_by_offset() {
+    big_group_delivery(false).await;
+}
+
+/// A 600-member group, about half online on two gateways, delivered through a repo that returns
+/// page tokens or not.
+async fn big_group_delivery(tokens: bool) {
     let env = env().await;
     let users = create_users(&env.repo, 600).await;
     let group = create_group(&env.repo, &users).await;
@@ -304,12 +316,12 @@ async fn big_group_is_delivered_in_batches_per_gateway() {
     let online: BTreeSet<&String> = expected.values().flatten().collect();
     assert!((250..=350).contains(&online.len()), "about half online");
 
-    let running = start(
-        quick_settings(),
-        env.repo.clone(),
-        &env.bus,
-        &["gw-a", "gw-b"],
-    );
+    let repo = FlakyRepo {
+        inner: env.repo.clone(),
+        failures: Arc::new(AtomicI64::new(0)),
+        tokens,
+    };
+    let running = start(quick_settings(), repo, &env.bus, &["gw-a", "gw-b"]);
     let msg = message(&conversation, &users[0]);
     submit(&env.bus, &fanout_task("big", &group, msg.clone())).await;
     wait_committed(&env.bus).await;
@@ -429,11 +441,13 @@ async fn tasks_without_processor_or_that_cannot_succeed_are_committed() {
     assert_eq!((stats.unhandled, stats.rejected, stats.jobs), (1, 2, 1));
 }
 
-/// A repo whose presence lookups fail while `failures` is positive (each failure uses one up).
+/// A repo whose presence lookups fail while `failures` is positive (each failure uses one up),
+/// and that answers them without page tokens unless `tokens`.
 #[derive(Clone)]
 struct FlakyRepo {
     inner: TestRepo,
     failures: Arc<AtomicI64>,
+    tokens: bool,
 }
 
 impl FlakyRepo {
@@ -483,7 +497,12 @@ impl GroupService for FlakyRepo {
         &self,
         r: Request<pb::GetMembersOnlineStatusRequest>,
     ) -> Result<Response<pb::GetMembersOnlineStatusResponse>, Status> {
-        self.inner.get_members_online_status(r).await
+        self.check()?;
+        let mut page = self.inner.get_members_online_status(r).await?;
+        if !self.tokens {
+            page.get_mut().next_page_token.clear();
+        }
+        Ok(page)
     }
     async fn is_group_member(
         &self,
@@ -517,7 +536,6 @@ impl OnlineStatusService for FlakyRepo {
         &self,
         r: Request<pb::GetUsersOnlineStatusRequest>,
     ) -> Result<Response<pb::GetUsersOnlineStatusResponse>, Status> {
-        self.check()?;
         self.inner.get_users_online_status(r).await
     }
 }
@@ -541,6 +559,7 @@ async fn failing_repo_calls_are_retried_and_the_job_is_tried_again() {
     let flaky = FlakyRepo {
         inner: env.repo.clone(),
         failures: Arc::clone(&failures),
+        tokens: true,
     };
     let running = start(quick_settings(), flaky, &env.bus, &["gw-a"]);
     let conversation = group_conversation_id(group.parse().expect("an id"));
@@ -567,6 +586,7 @@ async fn a_task_that_keeps_failing_stays_uncommitted_for_the_next_consumer() {
     let broken = FlakyRepo {
         inner: env.repo.clone(),
         failures: Arc::clone(&failures),
+        tokens: true,
     };
     let running = start(quick_settings(), broken, &env.bus, &["gw-a"]);
     let conversation = group_conversation_id(group.parse().expect("an id"));

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use super::{Repo, cache_read, cache_write, id_field, id_list, pb_group, pb_presence, status};
 use crate::cache::Cache;
 use crate::model::{Group, GroupMember, role};
-use crate::store::Store;
+use crate::store::{MemberCursor, Store};
 
 /// Default member page (the spec's fan-out batch).
 const DEFAULT_PAGE: i64 = 200;
@@ -36,6 +36,15 @@ fn page(offset: i32, limit: i32) -> Result<(i64, i64), AppError> {
         }
     };
     Ok((i64::from(offset), limit))
+}
+
+/// The membership row a `page_token` continues after.
+fn page_token(token: &str) -> Result<i64, AppError> {
+    token
+        .parse::<i64>()
+        .ok()
+        .filter(|row| *row > 0)
+        .ok_or_else(|| AppError::invalid("page_token is not one a previous page returned"))
 }
 
 fn pb_role(r: i32) -> i32 {
@@ -248,10 +257,26 @@ impl<S: Store, C: Cache> GroupService for Repo<S, C> {
         let r = request.into_inner();
         let group = id_field("group_id", &r.group_id)?;
         let (offset, limit) = page(r.offset, r.limit)?;
-        let (members, total) = self.member_page(group, offset, limit).await?;
-        let ids: Vec<i64> = members.iter().map(|m| m.user_id).collect();
+        let from = match (r.page_token.as_str(), offset) {
+            ("", n) => MemberCursor::Offset(n),
+            (token, 0) => MemberCursor::After(page_token(token)?),
+            _ => return Err(AppError::invalid("offset must be 0 with a page_token").into()),
+        };
+        self.require_group(group).await?;
+        // One more than asked tells whether another page follows, with no count of the group.
+        let mut rows = self
+            .store()
+            .member_ids_page(group, from, limit + 1)
+            .await
+            .map_err(AppError::from)?;
+        let has_more = rows.len() > usize::try_from(limit).unwrap_or(usize::MAX);
+        rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let next_page_token = match rows.last() {
+            Some((row, _)) if has_more => row.to_string(),
+            _ => String::new(),
+        };
+        let ids: Vec<i64> = rows.into_iter().map(|(_, user)| user).collect();
         let presence = self.presence_of(&ids).await;
-        let has_more = offset + i64::try_from(members.len()).unwrap_or(0) < total;
         Ok(Response::new(pb::GetMembersOnlineStatusResponse {
             statuses: ids
                 .iter()
@@ -259,6 +284,7 @@ impl<S: Store, C: Cache> GroupService for Repo<S, C> {
                 .map(|(id, p)| pb_presence(*id, p))
                 .collect(),
             has_more,
+            next_page_token,
         }))
     }
 

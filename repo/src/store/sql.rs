@@ -1039,6 +1039,34 @@ macro_rules! impl_sql_store {
                 Ok((rows, i64::from(total.unwrap_or(0))))
             }
 
+            async fn member_ids_page(
+                &self,
+                group: i64,
+                from: $crate::store::MemberCursor,
+                limit: i64,
+            ) -> $crate::store::StoreResult<Vec<(i64, i64)>> {
+                use $crate::schema::group_members;
+                let mut conn = self.reader().await?;
+                let page = group_members::table
+                    .filter(group_members::group_id.eq(group))
+                    .order(group_members::id.asc())
+                    .select((group_members::id, group_members::user_id))
+                    .limit(limit.max(0));
+                match from {
+                    $crate::store::MemberCursor::Offset(n) => {
+                        page.offset(n.max(0)).load(&mut *conn).await
+                    }
+                    // (group_id, id) is the index's order (the row id rides in every entry of
+                    // idx_group_members_group), so this is one seek and a short scan.
+                    $crate::store::MemberCursor::After(row) => {
+                        page.filter(group_members::id.gt(row))
+                            .load(&mut *conn)
+                            .await
+                    }
+                }
+                .map_err($crate::store::sql::classify)
+            }
+
             async fn group_member(
                 &self,
                 group: i64,

@@ -969,29 +969,37 @@ mod tests {
 
     /// A page of a group's members (the task service reads every page of a large group for
     /// each of its messages) comes from an index in join order, with no sort of the whole
-    /// group first.
+    /// group first; a page by token seeks straight to its first member.
     #[tokio::test]
     async fn member_pages_are_read_in_index_order_without_a_sort() {
         let (_dir, store) = store_with(msg(1, "s_1_2", 1, Some("k1"))).await;
         let mut conn = store.reader().await.expect("reader");
-        // The page query as `group_members` in store/sql.rs builds it.
-        let plan: Vec<PlanStep> = conn
-            .spawn_blocking(|c| {
-                diesel::RunQueryDsl::load(
-                    diesel::sql_query(
-                        "EXPLAIN QUERY PLAN SELECT id, group_id, user_id, role, joined_at \
-                         FROM group_members WHERE group_id = 7 ORDER BY id ASC LIMIT 200 OFFSET 400",
-                    ),
-                    c,
-                )
-            })
-            .await
-            .expect("query plan");
-        let steps: Vec<&str> = plan.iter().map(|s| s.detail.as_str()).collect();
-        assert_eq!(
-            steps,
-            ["SEARCH group_members USING INDEX idx_group_members_group (group_id=?)"]
-        );
+        // The page queries as `group_members` and `member_ids_page` in store/sql.rs build them.
+        let cases = [
+            (
+                "SELECT id, group_id, user_id, role, joined_at FROM group_members \
+                 WHERE group_id = 7 ORDER BY id ASC LIMIT 200 OFFSET 400",
+                "SEARCH group_members USING INDEX idx_group_members_group (group_id=?)",
+            ),
+            (
+                "SELECT id, user_id FROM group_members \
+                 WHERE group_id = 7 AND id > 400 ORDER BY id ASC LIMIT 201",
+                "SEARCH group_members USING INDEX idx_group_members_group (group_id=? AND rowid>?)",
+            ),
+        ];
+        for (query, want) in cases {
+            let plan: Vec<PlanStep> = conn
+                .spawn_blocking(move |c| {
+                    diesel::RunQueryDsl::load(
+                        diesel::sql_query(format!("EXPLAIN QUERY PLAN {query}")),
+                        c,
+                    )
+                })
+                .await
+                .expect("query plan");
+            let steps: Vec<&str> = plan.iter().map(|s| s.detail.as_str()).collect();
+            assert_eq!(steps, [want], "{query}");
+        }
     }
 
     /// Point reads run on the calling thread with a short lock wait, see what was committed

@@ -1,8 +1,8 @@
 //! [`FanoutJob`]: one delivery job, planned from a `fanout` task and run inside a Fanout actor.
 //!
-//! A group job pages the members (`GetGroupMembers`, `batch_size` a page), looks the page's
-//! presence up in one `GetUsersOnlineStatus` call, and produces one downstream record per gateway
-//! that has online members in the page, `targets` naming them. A world job produces one
+//! A group job reads the members' presence a page at a time (`GetMembersOnlineStatus`,
+//! `batch_size` a page, each page continuing from the last one's token) and produces one
+//! downstream record per gateway that has online members in the page, `targets` naming them. A world job produces one
 //! `broadcast` record per live gateway. Every repo call and send is retried under the spec's
 //! policy; a failure that outlasts it fails the job (records already produced stay produced: the
 //! retried job sends them again and gateways drop what a session already has).
@@ -38,6 +38,16 @@ enum Audience {
     Group(String),
     /// Every session on each of these gateways.
     World(Vec<String>),
+}
+
+/// Which member page a group job reads next.
+#[derive(Debug)]
+enum Page {
+    First,
+    /// After the page that returned this token.
+    Token(String),
+    /// From this offset (a repo that returns no tokens).
+    Offset(i32),
 }
 
 /// What a finished job did.
@@ -176,33 +186,30 @@ impl<R: RepoApi, B: Bus> FanoutJob<R, B> {
         let mut report = FanoutReport::default();
         let limit = i32::try_from(self.config.batch_size).unwrap_or(i32::MAX);
         let repo = &self.repo;
-        let mut offset: i32 = 0;
+        let mut next = Page::First;
         loop {
+            let (offset, page_token) = match &next {
+                Page::First => (0, String::new()),
+                Page::Token(token) => (0, token.clone()),
+                Page::Offset(offset) => (*offset, String::new()),
+            };
             let page = self
-                .call("GetGroupMembers", move || {
-                    repo.get_group_members(tonic::Request::new(pb::GetGroupMembersRequest {
-                        group_id: group.to_owned(),
-                        offset,
-                        limit,
-                    }))
-                })
-                .await?;
-            if page.members.is_empty() {
-                break;
-            }
-            report.pages += 1;
-            let user_ids: Vec<String> = page.members.iter().map(|m| m.user_id.clone()).collect();
-            let statuses = self
-                .call("GetUsersOnlineStatus", || {
-                    repo.get_users_online_status(tonic::Request::new(
-                        pb::GetUsersOnlineStatusRequest {
-                            user_ids: user_ids.clone(),
+                .call("GetMembersOnlineStatus", || {
+                    repo.get_members_online_status(tonic::Request::new(
+                        pb::GetMembersOnlineStatusRequest {
+                            group_id: group.to_owned(),
+                            offset,
+                            limit,
+                            page_token: page_token.clone(),
                         },
                     ))
                 })
-                .await?
-                .statuses;
-            for (gateway, targets) in by_gateway(&statuses) {
+                .await?;
+            if page.statuses.is_empty() {
+                break;
+            }
+            report.pages += 1;
+            for (gateway, targets) in by_gateway(&page.statuses) {
                 let mut record = self.template.clone();
                 let n = targets.len();
                 record.targets = targets;
@@ -214,8 +221,13 @@ impl<R: RepoApi, B: Bus> FanoutJob<R, B> {
             if !page.has_more {
                 break;
             }
-            let read = i32::try_from(page.members.len()).unwrap_or(i32::MAX);
-            offset = offset.saturating_add(read);
+            next = if page.next_page_token.is_empty() {
+                // A repo from before page tokens: page on by offset.
+                let read = i32::try_from(page.statuses.len()).unwrap_or(i32::MAX);
+                Page::Offset(offset.saturating_add(read))
+            } else {
+                Page::Token(page.next_page_token)
+            };
         }
         Ok(report)
     }
