@@ -72,14 +72,6 @@ pub trait Cache: Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = CacheResult<()>> + Send;
 
-    /// Stores several `msg_dedup` entries (sender, client_msg_id, entry) for `ttl` in one round
-    /// trip (a stored batch).
-    fn dedup_set_many(
-        &self,
-        entries: &[(i64, String, DedupEntry)],
-        ttl: Duration,
-    ) -> impl Future<Output = CacheResult<()>> + Send;
-
     /// Every member in `group_members:{group}`, in no set order; `None` when it is not cached.
     fn members_get(&self, group: i64)
     -> impl Future<Output = CacheResult<Option<Vec<i64>>>> + Send;
@@ -215,13 +207,6 @@ impl Cache for AnyCache {
         ttl: Duration,
     ) -> CacheResult<()> {
         delegate!(self, c => c.dedup_set(sender, cmid, entry, ttl))
-    }
-    async fn dedup_set_many(
-        &self,
-        entries: &[(i64, String, DedupEntry)],
-        ttl: Duration,
-    ) -> CacheResult<()> {
-        delegate!(self, c => c.dedup_set_many(entries, ttl))
     }
     async fn members_get(&self, group: i64) -> CacheResult<Option<Vec<i64>>> {
         delegate!(self, c => c.members_get(group))

@@ -273,28 +273,6 @@ async fn dedup<C: Backend>(c: C) {
         c.dedup_get(1, "cmid-a").await.expect("get"),
         Some(entry.clone())
     );
-
-    // A whole batch in one call.
-    let batch: Vec<(i64, String, DedupEntry)> = (0..250)
-        .map(|i| {
-            let e = DedupEntry {
-                message_id: 1000 + i,
-                seq_id: i + 1,
-                conversation_id: "s_1_2".to_owned(),
-            };
-            (i % 7 + 1, format!("batch-{i}"), e)
-        })
-        .collect();
-    c.dedup_set_many(&batch, TTL).await.expect("set many");
-    for (sender, key, e) in &batch {
-        assert_eq!(
-            c.dedup_get(*sender, key).await.expect("get"),
-            Some(e.clone())
-        );
-    }
-    c.dedup_set_many(&[], TTL)
-        .await
-        .expect("an empty batch is fine");
 }
 
 async fn members<C: Backend>(c: C) {

@@ -107,8 +107,14 @@ impl MemoryCache {
         self.inner.insert(key, Stored::new(val, ttl)).await;
     }
 
+    /// Drops `key`. An absent key (the usual case for the entries dropped on every save: a
+    /// conversation's hot page, a sender's read pointer) is only looked up: an invalidation
+    /// takes the map's write path even when there is nothing to remove. Linearized at the
+    /// lookup, which is what an invalidation finding nothing amounts to.
     async fn del(&self, key: &Key) {
-        self.inner.invalidate(key).await;
+        if self.inner.contains_key(key) {
+            self.inner.invalidate(key).await;
+        }
     }
 
     async fn live_presence(&self, user: i64) -> Vec<Presence> {
@@ -266,17 +272,6 @@ impl Cache for MemoryCache {
         Ok(())
     }
 
-    async fn dedup_set_many(
-        &self,
-        entries: &[(i64, String, DedupEntry)],
-        ttl: Duration,
-    ) -> CacheResult<()> {
-        for (sender, client_msg_id, entry) in entries {
-            self.dedup_set(*sender, client_msg_id, entry, ttl).await?;
-        }
-        Ok(())
-    }
-
     async fn members_get(&self, group: i64) -> CacheResult<Option<Vec<i64>>> {
         Ok(match self.get(&Key::Members(group)).await {
             Some(Val::Members(set)) => Some(set.iter().copied().collect()),
@@ -405,5 +400,62 @@ impl Cache for MemoryCache {
     async fn flush(&self) -> CacheResult<()> {
         self.inner.invalidate_all();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cache at its capacity, filled with entries written faster than presence and never
+    /// read, keeps the presence of users who came online meanwhile (moka admits by frequency;
+    /// a presence entry refused or evicted would make an online user look offline).
+    #[tokio::test]
+    async fn presence_survives_a_cache_full_of_dedup_entries() {
+        let cache = MemoryCache::new(1000);
+        let entry = DedupEntry {
+            message_id: 1,
+            seq_id: 1,
+            conversation_id: "s_1_2".into(),
+        };
+        for i in 0..5000 {
+            cache
+                .dedup_set(i, &format!("k{i}"), &entry, Duration::from_secs(3600))
+                .await
+                .expect("dedup");
+        }
+        cache.inner.run_pending_tasks().await;
+        let mut lost = 0;
+        for user in 1..=100 {
+            cache
+                .presence_set(user, "gw", Duration::from_secs(60))
+                .await
+                .expect("set");
+            for i in 0..50 {
+                let k = 100_000 + user * 100 + i;
+                cache
+                    .dedup_set(k, "x", &entry, Duration::from_secs(3600))
+                    .await
+                    .expect("dedup");
+            }
+        }
+        cache.inner.run_pending_tasks().await;
+        for user in 1..=100 {
+            if cache.presence_get(&[user]).await.expect("get")[0].is_empty() {
+                lost += 1;
+            }
+        }
+        assert!(
+            cache.inner.entry_count() <= 1000,
+            "{}",
+            cache.inner.entry_count()
+        );
+        let dedup_kept = (0..5000)
+            .filter(|i| cache.inner.contains_key(&Key::Dedup(*i, format!("k{i}"))))
+            .count();
+        assert_eq!(
+            lost, 0,
+            "presence entries lost; {dedup_kept} early dedup entries kept"
+        );
     }
 }

@@ -399,30 +399,6 @@ impl Cache for RedisCache {
             .map_err(fail("dedup_set"))
     }
 
-    async fn dedup_set_many(
-        &self,
-        entries: &[(i64, String, DedupEntry)],
-        ttl: Duration,
-    ) -> CacheResult<()> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        for (sender, client_msg_id, entry) in entries {
-            let json = serde_json::to_string(entry).map_err(fail("dedup_set encode"))?;
-            pipe.cmd("SET")
-                .arg(self.dedup_key(*sender, client_msg_id))
-                .arg(json)
-                .arg("PX")
-                .arg(px(ttl))
-                .ignore();
-        }
-        let mut conn = self.conn().await?;
-        pipe.exec_async(&mut conn)
-            .await
-            .map_err(fail("dedup_set_many"))
-    }
-
     async fn members_get(&self, group: i64) -> CacheResult<Option<Vec<i64>>> {
         let mut conn = self.conn().await?;
         let all: Vec<String> = redis::cmd("SMEMBERS")

@@ -81,7 +81,11 @@ impl<S: Store, C: Cache> Repo<S, C> {
         })
     }
 
-    /// Stores a batch, then keeps the cache right: dedup entries set, hot pages dropped.
+    /// Stores a batch, then keeps the cache right: hot pages and read pointers dropped. No
+    /// `msg_dedup` entry is written: the store finds a repeated key itself (its unique index,
+    /// in the saving transaction), and `CheckMessageIdempotency` fills the entry on a miss like
+    /// every other read, so a save costs no cache write per message (one Redis round trip per
+    /// batch, or a table of entries nobody reads that slows every other in-process lookup).
     pub(crate) async fn save(
         &self,
         batch: Vec<Message>,
@@ -97,28 +101,12 @@ impl<S: Store, C: Cache> Repo<S, C> {
             Err(e) => return Err(e.into()),
         };
         let mut touched: Vec<&str> = Vec::new();
-        let mut dedup = Vec::new();
-        for o in &outcomes {
-            let m = &o.message;
-            if let Some(k) = &m.client_msg_id {
-                let entry = DedupEntry {
-                    message_id: m.id,
-                    seq_id: m.seq_id,
-                    conversation_id: m.conversation_id.clone(),
-                };
-                dedup.push((m.sender_id, k.clone(), entry));
-            }
-            if !o.duplicate && !touched.contains(&m.conversation_id.as_str()) {
-                touched.push(&m.conversation_id);
+        for o in outcomes.iter().filter(|o| !o.duplicate) {
+            let conv = o.message.conversation_id.as_str();
+            if !touched.contains(&conv) {
+                touched.push(conv);
             }
         }
-        // One round trip for the whole batch's idempotency keys.
-        cache_write(
-            self.cache()
-                .dedup_set_many(&dedup, self.settings().dedup_ttl)
-                .await,
-            "msg_dedup",
-        );
         for conv in touched {
             cache_write(self.cache().hot_del(conv).await, "hot_messages");
         }

@@ -290,14 +290,6 @@ impl<C: Cache> Cache for Switch<C> {
         self.check()?;
         self.inner.dedup_set(sender, cmid, entry, ttl).await
     }
-    async fn dedup_set_many(
-        &self,
-        entries: &[(i64, String, DedupEntry)],
-        ttl: Duration,
-    ) -> CacheResult<()> {
-        self.check()?;
-        self.inner.dedup_set_many(entries, ttl).await
-    }
     async fn members_get(&self, group: i64) -> CacheResult<Option<Vec<i64>>> {
         self.check()?;
         self.inner.members_get(group).await
