@@ -9,10 +9,12 @@
 //! wait for the next batch, so a busy conversation stores in large batches and an idle one with
 //! no delay.
 //!
-//! Seqs are reserved exactly for what a batch stores. If storing fails for good, the reserved
-//! seqs are kept and reused by the next batch, so no gap appears while the actor lives. An actor
-//! idle for `idle_timeout` stops; the next message starts a new one, which reserves from
-//! storage (repo's counter) and so continues the conversation's seq.
+//! Seqs are reserved a block at a time (at least [`SEQ_BLOCK`]); the ones a batch does not use,
+//! and those of a batch whose storing failed for good, are used by the next batches, so no gap
+//! appears while the actor lives. An actor idle for `idle_timeout` stops; the next message
+//! starts a new one, which restarts repo's counter right after the largest stored seq and so
+//! continues the conversation's seq without a gap (the spare seqs of the stopped actor were
+//! never stored).
 //!
 //! Mailboxes are bounded (`mailbox_capacity`): the upstream consumer waits when one is full, so
 //! a hot conversation slows its own partition down rather than growing memory.
@@ -615,7 +617,7 @@ impl Members {
 
 /// The seq state an actor keeps between batches.
 ///
-/// Seqs come from repo's counter in blocks sized to the batch. Two things would leave a gap in a
+/// Seqs come from repo's counter in blocks of at least [`SEQ_BLOCK`]. Two things would leave a gap in a
 /// conversation's seqs: seqs reserved but never stored, and a counter that moved without this
 /// actor knowing the outcome (a reservation whose answer was lost, a crashed previous owner).
 /// Reserved-but-unstored seqs are kept in `spare` and used first by the next batch; and whenever
@@ -755,8 +757,14 @@ async fn store<R: RepoApi, B: Bus>(
     Err(last_err)
 }
 
-/// `n` seqs: spare ones first, then a reservation from repo (restarting the counter from
-/// storage when its state is unknown).
+/// Seqs reserved at least at once: a conversation with a message every few milliseconds, in
+/// batches of one or two, would otherwise call `GenerateSeqID` for every batch (2.7 % of the
+/// server's CPU in a chat run, docs/benchmarks.md). What is left over stays spare (see
+/// [`Seqs`]).
+pub(crate) const SEQ_BLOCK: usize = 16;
+
+/// `n` seqs: spare ones first, then a reservation from repo (at least [`SEQ_BLOCK`], the rest
+/// kept spare; restarting the counter from storage when its state is unknown).
 async fn take_seqs<R: RepoApi, B: Bus>(
     core: &Core<R, B>,
     conv: &str,
@@ -775,14 +783,17 @@ async fn take_seqs<R: RepoApi, B: Bus>(
             .repo
             .generate_seq_id(Request::new(rpb::GenerateSeqIdRequest {
                 conversation_id: conv.to_owned(),
-                count: i64::try_from(need).unwrap_or(i64::MAX),
+                count: i64::try_from(need.max(SEQ_BLOCK)).unwrap_or(i64::MAX),
                 from_stored: state.resync,
             }))
             .await;
         match r {
             Ok(r) => {
                 let r = r.into_inner();
-                seqs.extend(r.seq_id..=r.end_seq_id);
+                let mut reserved = r.seq_id..=r.end_seq_id;
+                seqs.extend(reserved.by_ref().take(need));
+                // Ascending and above every seq handed out before: spare stays sorted.
+                state.spare.extend(reserved);
                 state.resync = false;
             }
             Err(status) => {

@@ -31,6 +31,10 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(|_| {}).await
+}
+
+async fn world_with(tune: impl FnOnce(&mut LogicSettings)) -> World {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = AnyStore::open(&dir.path().join("t.db").to_string_lossy(), 4)
         .await
@@ -45,11 +49,12 @@ async fn world() -> World {
         },
     );
     let bus = MemoryBus::new(MemoryBusConfig::default());
-    let settings = LogicSettings {
+    let mut settings = LogicSettings {
         jwt_secret: "x".repeat(40),
         arbiters: 2,
         ..LogicSettings::default()
     };
+    tune(&mut settings);
     let logic = Logic::new(repo, bus.clone(), settings).expect("logic");
     let runner = logic.clone();
     actix_rt::spawn(async move {
@@ -287,6 +292,79 @@ async fn single_chat_acks_in_seq_order_delivers_and_dedups() {
         assert_eq!(d.exclude_session, "sess-a");
         assert!(d.targets.contains(&b));
     }
+}
+
+/// Seqs are reserved a block at a time; an actor that stops with seqs to spare leaves no gap:
+/// the next one restarts the counter right after the largest stored seq.
+#[actix_rt::test]
+async fn seqs_go_on_without_a_gap_after_an_idle_actor_stopped() {
+    let w = world_with(|s| s.idle_timeout = Duration::from_millis(300)).await;
+    w.bus
+        .ensure_topic(&downstream_topic("gw-1"), 4)
+        .await
+        .expect("topic");
+    let mut down = w
+        .bus
+        .subscribe("test", &[&downstream_topic("gw-1")])
+        .await
+        .expect("subscribe");
+    let a = user(&w, "alice").await;
+    let b = user(&w, "bobby").await;
+    online(&w, &a, "gw-1").await;
+    let conv = w
+        .logic
+        .create_single_conversation(Request::new(lpb::CreateSingleConversationRequest {
+            user_id: a.clone(),
+            target_user_id: b.clone(),
+        }))
+        .await
+        .expect("conversation")
+        .into_inner()
+        .conversation
+        .expect("conv")
+        .id;
+    let acked = |records: Vec<DownstreamMessage>| -> Vec<i64> {
+        records
+            .iter()
+            .filter(|m| m.kind == DownstreamKind::MessageAck)
+            .map(|m| m.seq_id)
+            .collect()
+    };
+    for i in 0..3 {
+        send(&w, &a, &conv, &format!("m{i}"), "hi", "sess-a").await;
+    }
+    let first = acked(collect(&mut down, DownstreamKind::MessageAck, 3).await);
+    assert_eq!(first, vec![1, 2, 3]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while w.logic.conversation_actors() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle actor never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    send(&w, &a, &conv, "m3", "hi", "sess-a").await;
+    send(&w, &a, &conv, "m4", "hi", "sess-a").await;
+    let next = acked(collect(&mut down, DownstreamKind::MessageAck, 2).await);
+    assert_eq!(
+        next,
+        vec![4, 5],
+        "the new actor goes on from the stored seqs"
+    );
+    let history = w
+        .logic
+        .get_messages(Request::new(lpb::GetMessagesRequest {
+            user_id: b.clone(),
+            conversation_id: conv.clone(),
+            after_seq: Some(0),
+            before_seq: None,
+            limit: 100,
+        }))
+        .await
+        .expect("history")
+        .into_inner();
+    let seqs: Vec<i64> = history.messages.iter().map(|m| m.seq_id).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
 }
 
 #[actix_rt::test]
