@@ -81,7 +81,7 @@ pub struct CacheConfig {
     pub redis_url: String,
     /// Prefix of every key, so several deployments can share one Redis.
     pub namespace: String,
-    /// Entries the memory backend keeps at most.
+    /// Entries the memory backend keeps at most (presence, one per online user, not counted).
     pub max_entries: u64,
 }
 
