@@ -617,9 +617,10 @@ impl Members {
 
 /// The seq state an actor keeps between batches.
 ///
-/// Seqs come from repo's counter in blocks of at least [`SEQ_BLOCK`]. Two things would leave a gap in a
-/// conversation's seqs: seqs reserved but never stored, and a counter that moved without this
-/// actor knowing the outcome (a reservation whose answer was lost, a crashed previous owner).
+/// Seqs come from repo's counter in blocks of at least [`SEQ_BLOCK`]. Two things would leave a
+/// gap in a conversation's seqs: seqs reserved but never stored, and a counter that moved
+/// without this actor knowing the outcome (a reservation whose answer was lost, a crashed
+/// previous owner).
 /// Reserved-but-unstored seqs are kept in `spare` and used first by the next batch; and whenever
 /// the counter's state is unknown (a new actor, which may be taking over from a crashed or
 /// rebalanced owner; a failed reservation; a seq conflict) the next reservation asks repo to

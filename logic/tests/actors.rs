@@ -148,22 +148,22 @@ async fn collect<C: Consumer>(
     out
 }
 
-#[actix_rt::test]
-async fn single_chat_acks_in_seq_order_delivers_and_dedups() {
-    let w = world().await;
+/// A consumer of gw-1's downstream topic, users alice and bobby online on gw-1, and their single
+/// chat.
+async fn alice_and_bob(w: &World) -> (impl Consumer, String, String, String) {
     w.bus
         .ensure_topic(&downstream_topic("gw-1"), 4)
         .await
         .expect("topic");
-    let mut down = w
+    let down = w
         .bus
         .subscribe("test", &[&downstream_topic("gw-1")])
         .await
         .expect("subscribe");
-    let a = user(&w, "alice").await;
-    let b = user(&w, "bobby").await;
-    online(&w, &a, "gw-1").await;
-    online(&w, &b, "gw-1").await;
+    let a = user(w, "alice").await;
+    let b = user(w, "bobby").await;
+    online(w, &a, "gw-1").await;
+    online(w, &b, "gw-1").await;
     let conv = w
         .logic
         .create_single_conversation(Request::new(lpb::CreateSingleConversationRequest {
@@ -176,6 +176,13 @@ async fn single_chat_acks_in_seq_order_delivers_and_dedups() {
         .conversation
         .expect("conv")
         .id;
+    (down, a, b, conv)
+}
+
+#[actix_rt::test]
+async fn single_chat_acks_in_seq_order_delivers_and_dedups() {
+    let w = world().await;
+    let (mut down, a, b, conv) = alice_and_bob(&w).await;
     for i in 0..20 {
         send(
             &w,
@@ -299,30 +306,7 @@ async fn single_chat_acks_in_seq_order_delivers_and_dedups() {
 #[actix_rt::test]
 async fn seqs_go_on_without_a_gap_after_an_idle_actor_stopped() {
     let w = world_with(|s| s.idle_timeout = Duration::from_millis(300)).await;
-    w.bus
-        .ensure_topic(&downstream_topic("gw-1"), 4)
-        .await
-        .expect("topic");
-    let mut down = w
-        .bus
-        .subscribe("test", &[&downstream_topic("gw-1")])
-        .await
-        .expect("subscribe");
-    let a = user(&w, "alice").await;
-    let b = user(&w, "bobby").await;
-    online(&w, &a, "gw-1").await;
-    let conv = w
-        .logic
-        .create_single_conversation(Request::new(lpb::CreateSingleConversationRequest {
-            user_id: a.clone(),
-            target_user_id: b.clone(),
-        }))
-        .await
-        .expect("conversation")
-        .into_inner()
-        .conversation
-        .expect("conv")
-        .id;
+    let (mut down, a, b, conv) = alice_and_bob(&w).await;
     let acked = |records: Vec<DownstreamMessage>| -> Vec<i64> {
         records
             .iter()

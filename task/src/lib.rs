@@ -9,9 +9,10 @@
 //! job on an arbiter of a small pool (round-robin, one arbiter per core), at most
 //! [`TaskSettings::max_in_flight`] at a time. The actor reads the group members' presence a
 //! page at a time (`GetMembersOnlineStatus`, 200 a page, each page after the last one's token:
-//! an index seek rather than an offset that steps over every earlier member again) and produces ONE `DownstreamMessage` per gateway per page to
-//! `im-downstream-topic-{gateway}`, keyed by conversation id, with `targets` naming the online
-//! recipients on that gateway; the world room is one `broadcast` record per live gateway. When
+//! an index seek rather than an offset that steps over every earlier member again) and
+//! produces ONE `DownstreamMessage` per gateway per page to `im-downstream-topic-{gateway}`,
+//! keyed by conversation id, with `targets` naming the online recipients on that gateway; the
+//! world room is one `broadcast` record per live gateway. When
 //! the job is done the actor replies, and the lane commits the task record. A failed repo call is
 //! retried with the spec's backoff; a job that still fails is not committed and is tried again
 //! after a delay (a redelivered job re-sends; gateways drop a `new-message` whose seq a session

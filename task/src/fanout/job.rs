@@ -2,10 +2,11 @@
 //!
 //! A group job reads the members' presence a page at a time (`GetMembersOnlineStatus`,
 //! `batch_size` a page, each page continuing from the last one's token) and produces one
-//! downstream record per gateway that has online members in the page, `targets` naming them. A world job produces one
-//! `broadcast` record per live gateway. Every repo call and send is retried under the spec's
-//! policy; a failure that outlasts it fails the job (records already produced stay produced: the
-//! retried job sends them again and gateways drop what a session already has).
+//! downstream record per gateway that has online members in the page, `targets` naming them. A
+//! world job produces one `broadcast` record per live gateway. Every repo call and send is
+//! retried under the spec's policy; a failure that outlasts it fails the job (records already
+//! produced stay produced: the retried job sends them again and gateways drop what a session
+//! already has).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -38,16 +39,6 @@ enum Audience {
     Group(String),
     /// Every session on each of these gateways.
     World(Vec<String>),
-}
-
-/// Which member page a group job reads next.
-#[derive(Debug)]
-enum Page {
-    First,
-    /// After the page that returned this token.
-    Token(String),
-    /// From this offset (a repo that returns no tokens).
-    Offset(i32),
 }
 
 /// What a finished job did.
@@ -186,13 +177,9 @@ impl<R: RepoApi, B: Bus> FanoutJob<R, B> {
         let mut report = FanoutReport::default();
         let limit = i32::try_from(self.config.batch_size).unwrap_or(i32::MAX);
         let repo = &self.repo;
-        let mut next = Page::First;
+        // The next page: after `page_token`, or at `offset` from a repo that returns no tokens.
+        let (mut offset, mut page_token) = (0i32, String::new());
         loop {
-            let (offset, page_token) = match &next {
-                Page::First => (0, String::new()),
-                Page::Token(token) => (0, token.clone()),
-                Page::Offset(offset) => (*offset, String::new()),
-            };
             let page = self
                 .call("GetMembersOnlineStatus", || {
                     repo.get_members_online_status(tonic::Request::new(
@@ -221,13 +208,13 @@ impl<R: RepoApi, B: Bus> FanoutJob<R, B> {
             if !page.has_more {
                 break;
             }
-            next = if page.next_page_token.is_empty() {
+            if page.next_page_token.is_empty() {
                 // A repo from before page tokens: page on by offset.
                 let read = i32::try_from(page.statuses.len()).unwrap_or(i32::MAX);
-                Page::Offset(offset.saturating_add(read))
+                offset = offset.saturating_add(read);
             } else {
-                Page::Token(page.next_page_token)
-            };
+                page_token = page.next_page_token;
+            }
         }
         Ok(report)
     }
