@@ -50,6 +50,12 @@ pub struct DatabaseConfig {
     pub url: String,
     /// Connections in the pool (SQLite: reader connections; there is always one writer).
     pub pool_size: usize,
+    /// SQLite: the nice value (-20..=19, Linux) the writer's group commits run at. Every stored
+    /// message waits for that one thread, so by default it goes ahead of the sessions and
+    /// actors when the machine is busy. Going below 0 needs `CAP_SYS_NICE` or `RLIMIT_NICE`
+    /// (root has it); without it the writer keeps the process's priority and says so once.
+    /// 0 leaves the writer's thread alone.
+    pub writer_nice: i32,
 }
 
 impl Default for DatabaseConfig {
@@ -57,6 +63,7 @@ impl Default for DatabaseConfig {
         Self {
             url: String::new(),
             pool_size: 8,
+            writer_nice: -10,
         }
     }
 }
@@ -462,6 +469,11 @@ impl Config {
         if self.database.pool_size == 0 {
             return Err(ConfigError("database.pool_size must be at least 1".into()));
         }
+        if !(-20..=19).contains(&self.database.writer_nice) {
+            return Err(ConfigError(
+                "database.writer_nice must be a nice value, -20 to 19".into(),
+            ));
+        }
         if self.repo.node_id > crate::ids::MAX_NODE_ID {
             return Err(ConfigError(format!(
                 "repo.node_id must be at most {}",
@@ -618,6 +630,10 @@ mod tests {
             let err = Config::from_figment(&Config::figment(Some(Path::new("h.toml"))))
                 .expect_err("node id refused");
             assert!(err.to_string().contains("node_id"), "{err}");
+            jail.create_file("n.toml", "[database]\nwriter_nice = -21\n")?;
+            let err = Config::from_figment(&Config::figment(Some(Path::new("n.toml"))))
+                .expect_err("a nice value out of range refused");
+            assert!(err.to_string().contains("writer_nice"), "{err}");
             jail.create_file("a.toml", "[admin]\ntoken = \"short\"\n")?;
             let err = Config::from_figment(&Config::figment(Some(Path::new("a.toml"))))
                 .expect_err("short admin token refused");

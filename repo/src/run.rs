@@ -48,6 +48,7 @@ pub fn settings(config: &Config) -> RepoSettings {
 pub async fn build(config: &Config, data_dir: &Path) -> Result<Repo, StartError> {
     let url = database_url(config, data_dir);
     let store = AnyStore::open(&url, config.database.pool_size).await?;
+    store.set_writer_nice(config.database.writer_nice);
     let cache = match config.cache.backend {
         CacheBackend::Memory => AnyCache::Memory(MemoryCache::new(config.cache.max_entries)),
         CacheBackend::Redis => AnyCache::Redis(

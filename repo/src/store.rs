@@ -281,6 +281,14 @@ pub enum AnyStore {
 }
 
 impl AnyStore {
+    /// SQLite: the nice value the writer's group commits run at
+    /// ([`sqlite::SqliteStore::set_writer_nice`]). MySQL: nothing (its server schedules itself).
+    pub fn set_writer_nice(&self, nice: i32) {
+        if let Self::Sqlite(s) = self {
+            s.set_writer_nice(nice);
+        }
+    }
+
     /// Opens the database named by `url` (`sqlite://PATH`, a plain path, or `mysql://...`),
     /// applying pending migrations first.
     pub async fn open(url: &str, pool_size: usize) -> StoreResult<Self> {

@@ -114,6 +114,8 @@ struct Inner {
     writer: Mutex<Conn>,
     /// Message batches waiting for the next group commit.
     queue: std::sync::Mutex<Queue>,
+    /// The nice value group commits run at ([`WriterPriority`]); 0 leaves the thread as it is.
+    writer_nice: std::sync::atomic::AtomicI32,
     /// Connections that only read.
     readers: Pool<Conn>,
     /// Connections that only read a few rows by key, on the caller's thread ([`Inline`]).
@@ -157,6 +159,7 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 writer: Mutex::new(writer),
                 queue: std::sync::Mutex::new(Queue::default()),
+                writer_nice: std::sync::atomic::AtomicI32::new(0),
                 readers: reader_pool(path, readers, "")?,
                 // A quick read never waits while it holds its connection, so a thread holds
                 // at most one at a time and the pool need not outnumber the readers.
@@ -164,6 +167,18 @@ impl SqliteStore {
                 path: path.to_owned(),
             }),
         })
+    }
+
+    /// Runs the group commits at `nice` from the next one on (Linux; elsewhere a no-op). The
+    /// writer is the one thread every stored message waits for: when the machine is busy, a
+    /// negative value lets it run as soon as it has work instead of taking turns with the
+    /// sessions and actors whose work piles up behind it (docs/benchmarks.md, seventeenth
+    /// session). Lowering a thread's nice needs `CAP_SYS_NICE` or `RLIMIT_NICE`; without them
+    /// the commits run at the process's own priority (one warning).
+    pub fn set_writer_nice(&self, nice: i32) {
+        self.inner
+            .writer_nice
+            .store(nice.clamp(-20, 19), std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn writer(&self) -> StoreResult<MutexGuard<'_, Conn>> {
@@ -704,6 +719,12 @@ const COMMIT_RUN: std::time::Duration = std::time::Duration::from_millis(25);
 /// Group commits, one after the other, of whatever is queued when the last one ended, until
 /// the queue is empty or [`COMMIT_RUN`] has passed. Returns the gate for the next run.
 fn commit_run(c: &mut SqliteConnection, inner: &Inner, mut gate: FreshGate) -> FreshGate {
+    // Spelled out: diesel-async's `RunQueryDsl::load` would shadow the atomic's `load`.
+    let nice = std::sync::atomic::AtomicI32::load(
+        &inner.writer_nice,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let _priority = WriterPriority::set(nice);
     let run = std::time::Instant::now();
     loop {
         let (queued, since) = {
@@ -726,6 +747,59 @@ fn commit_run(c: &mut SqliteConnection, inner: &Inner, mut gate: FreshGate) -> F
         counter!(t::STORE_GROUP_COMMITS, "how" => how.label()).increment(1);
         if run.elapsed() >= COMMIT_RUN {
             return gate;
+        }
+    }
+}
+
+/// The calling thread's nice value, changed for as long as this lives (a commit run on one of
+/// tokio's blocking threads, which go on to run other work after it) and then put back.
+#[must_use]
+struct WriterPriority {
+    /// The thread and the nice value to put back.
+    #[cfg(target_os = "linux")]
+    restore: Option<(rustix::process::Pid, i32)>,
+}
+
+impl WriterPriority {
+    /// Sets this thread's nice value to `nice` unless it is 0 or the thread is not allowed to.
+    #[cfg(target_os = "linux")]
+    fn set(nice: i32) -> Self {
+        use rustix::process::{getpriority_process, setpriority_process};
+        static REFUSED: std::sync::Once = std::sync::Once::new();
+        if nice == 0 {
+            return Self { restore: None };
+        }
+        let tid = rustix::thread::gettid();
+        let restore = match getpriority_process(Some(tid)) {
+            Ok(before) if before == nice => None,
+            Ok(before) => match setpriority_process(Some(tid), nice) {
+                Ok(()) => Some((tid, before)),
+                Err(cause) => {
+                    REFUSED.call_once(|| {
+                        tracing::warn!(%cause, nice, "the sqlite writer runs at the process's priority: \
+                            lowering a thread's nice needs CAP_SYS_NICE or RLIMIT_NICE \
+                            (set database.writer_nice = 0 to not ask)");
+                    });
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        Self { restore }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn set(_nice: i32) -> Self {
+        Self {}
+    }
+}
+
+impl Drop for WriterPriority {
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if let Some((tid, before)) = self.restore {
+            // Raising a nice value back is always allowed.
+            let _ = rustix::process::setpriority_process(Some(tid), before);
         }
     }
 }
@@ -888,6 +962,32 @@ mod tests {
     use super::*;
     use crate::model::{Direction, Message};
     use crate::store::Store;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_commit_run_takes_the_writer_nice_and_gives_the_thread_its_own_back() {
+        use rustix::process::getpriority_process;
+        let tid = rustix::thread::gettid();
+        let now = || getpriority_process(Some(tid)).expect("getpriority");
+        let before = now();
+        let higher = (before + 3).min(19);
+        {
+            // A higher nice value is always allowed.
+            let _p = WriterPriority::set(higher);
+            assert_eq!(now(), higher);
+        }
+        assert_eq!(now(), before);
+        {
+            let _p = WriterPriority::set(0);
+            assert_eq!(now(), before, "0 leaves the thread alone");
+        }
+        {
+            // Allowed as root, refused (with one warning) otherwise: either way no error.
+            let _p = WriterPriority::set(-5);
+            assert!(now() == -5 || now() == before);
+        }
+        assert_eq!(now(), before);
+    }
 
     fn msg(id: i64, conv: &str, seq: i64, key: Option<&str>) -> Message {
         Message {
